@@ -1,0 +1,35 @@
+"""The reference implementation: the executable spec, slow and obvious (fp32/fp64, eager attention).
+
+Every function implementing a spec rule names the rule ID in the first line of its docstring.
+"""
+
+from .decode import decode_step, greedy_generate
+from .host import LlavaHost, SampleLayout
+from .routing import PrefillResult, Reference, SampleCache, run_block
+from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
+from .selection import candidate_pool, capped_k, select_topk
+from .trace import Decision, SampleTrace, Trace
+
+__all__ = [
+    "POLICIES",
+    "PRESETS",
+    "Decision",
+    "LlavaHost",
+    "PrefillResult",
+    "Reference",
+    "RoutingConfig",
+    "RoutingError",
+    "SampleCache",
+    "SampleLayout",
+    "SampleTrace",
+    "Schedule",
+    "Scorer",
+    "Trace",
+    "candidate_pool",
+    "capped_k",
+    "decode_step",
+    "greedy_generate",
+    "preset",
+    "run_block",
+    "select_topk",
+]

@@ -1,0 +1,77 @@
+"""Reference decoding from a routed prefill's cache (spec/cache.md).
+
+Decode is never routed: each new token runs every layer densely against that layer's own cache,
+whose length differs per layer, at positions that continue from the prefill length.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .host import attention_implementation
+from .routing import PrefillResult, Reference
+
+
+def decode_step(reference: Reference, result: PrefillResult, tokens: torch.Tensor, step: int) -> torch.Tensor:
+    """[cache.decode.unrouted] [cache.decode.positions] Feed one token per sample; return logits ``[B, V]``.
+
+    Appends one K/V entry per layer to each sample's cache in ``result`` (mutated in place).
+
+    Args:
+        tokens: ``[B]`` long, the next token of each sample.
+        step: how many tokens were already decoded; sample b's token sits at position ``T_b + step``.
+    """
+    host = reference.host
+    out = []
+    with torch.no_grad(), attention_implementation(reference.model, "eager"):
+        for b, sample_cache in enumerate(result.caches):
+            h = host.model.model.get_input_embeddings()(tokens[b].view(1, 1))  # [1, 1, D]
+            position = torch.tensor([[sample_cache.length + step]])  # [1, 1]
+            cos, sin = host.rotary_embeddings(h, position)
+            for index, layer in enumerate(host.layers):
+                n = sample_cache.cache.layers[index].keys.shape[-2]  # this layer's own length
+                mask = torch.zeros(1, 1, 1, n + 1, dtype=h.dtype)  # the new token sees its whole layer cache
+                h = layer(
+                    h,
+                    attention_mask=mask,
+                    position_ids=position,
+                    past_key_values=sample_cache.cache,
+                    use_cache=True,
+                    position_embeddings=(cos, sin),
+                )
+            out.append(host.logits(h)[0, -1])
+    return torch.stack(out)  # [B, V]
+
+
+def greedy_generate(
+    reference: Reference,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, PrefillResult]:
+    """[cache.decode.unrouted] Greedy decoding: a routed prefill, then unrouted steps from its cache.
+
+    Returns ``[B, max_new_tokens]`` generated ids (no early stop at EOS) and the prefill result as it was
+    before decoding (the caches used for decoding are copies).
+    """
+    result = reference.prefill(input_ids, attention_mask, pixel_values)
+    working = copy.copy(result)
+    working.caches = copy.deepcopy(result.caches)
+    last = torch.tensor([int(c.length) - 1 for c in result.caches])
+    valid_cols = [
+        reference.host.layouts(input_ids, attention_mask)[b].valid for b in range(len(result.caches))
+    ]
+    logits = torch.stack(
+        [result.logits[b, valid_cols[b][last[b]]] for b in range(len(result.caches))]
+    )  # [B, V]
+    generated = []
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(dim=-1)  # [B]
+        generated.append(tokens)
+        if step + 1 < max_new_tokens:
+            logits = decode_step(reference, working, tokens, step)
+    return torch.stack(generated, dim=1), result

@@ -1,0 +1,222 @@
+"""The reference routed prefill: one sample at a time, literally as spec/routing.md says.
+
+At each decision layer the probe scores every visual token, the pool is formed and the top-k is
+selected; then every layer runs the host's own decoder layer on the gathered active set (explicit
+causal mask over it, original positions) and scatters the result back. Deferred rows are never
+touched. Slow on purpose: the full-length hidden state is copied at every layer.
+
+Notation: B batch, T padded length, T_b a sample's valid length, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .host import LlavaHost, SampleLayout, attention_implementation, causal_mask
+from .schedule import RoutingConfig, RoutingError
+from .scoring import attention_scores, query_rows, random_scores
+from .selection import candidate_pool, capped_k, select_topk
+from .trace import Decision, SampleTrace, Trace
+
+# forced_selection[b][s]: the visual indices sample b selects at decision s.
+ForcedSelection = Sequence[Sequence[Sequence[int]]]
+
+
+@dataclass
+class SampleCache:
+    """[cache.contents] One sample's KV cache after prefill.
+
+    Attributes:
+        cache: a ``transformers.DynamicCache`` of batch 1 whose layers have different lengths.
+        positions: per layer, ``[n_l]`` original positions of the entries, in cache order.
+        length: T_b, the prefill length; decode positions continue from here ([cache.decode.positions]).
+    """
+
+    cache: DynamicCache
+    positions: list[torch.Tensor]
+    length: int
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``layer``: ``[H_kv, n_l, hd]`` each."""
+        entry = self.cache.layers[layer]
+        return entry.keys[0], entry.values[0]
+
+
+@dataclass
+class PrefillResult:
+    """Output of a routed prefill.
+
+    Attributes:
+        logits: ``[B, T, V]`` in the compute dtype; rows of padding are zero ([routing.output]).
+        hidden: ``[B, T, D]`` last hidden state before the final norm; padding rows zero.
+        caches: one ``SampleCache`` per sample.
+        trace: the routing record.
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    caches: list[SampleCache]
+    trace: Trace
+
+
+def run_block(
+    host: LlavaHost, layer: nn.Module, hidden: torch.Tensor, active: Sequence[int], cache: DynamicCache
+) -> torch.Tensor:
+    """[routing.active-set] [routing.active.causal] [routing.active.positions] [routing.bypass] One layer.
+
+    Gathers the active rows of ``hidden`` (``[T_b, D]``), runs the host's layer on them with an explicit
+    causal mask over the active set at their original positions, writes their K/V to ``cache``, and
+    returns a new ``[T_b, D]`` tensor in which every other row is bit-identical to the input.
+    """
+    idx = torch.tensor(active)
+    x = hidden[idx][None]  # [1, n, D]
+    positions = idx[None]  # [1, n]: the position of a valid token is its index
+    cos, sin = host.rotary_embeddings(x, positions)
+    out = layer(
+        x,
+        attention_mask=causal_mask(idx, idx, x.dtype),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        position_embeddings=(cos, sin),
+    )
+    result = hidden.clone()
+    result[idx] = out[0]
+    return result
+
+
+class Reference:
+    """The executable spec for one model and one routing configuration.
+
+    Computes in ``config.compute_dtype`` (float32 or float64) with eager attention; when the model is in
+    another dtype a converted deep copy is used, so the caller's model is never modified.
+    """
+
+    def __init__(self, model: nn.Module, config: RoutingConfig):
+        self.host = LlavaHost(model)
+        if self.host.dtype != config.compute_dtype:
+            model = copy.deepcopy(model).to(config.compute_dtype)
+            self.host = LlavaHost(model)
+        config.schedule.check_layers(self.host.num_layers)
+        self.model = model
+        self.config = config
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        forced_selection: ForcedSelection | None = None,
+    ) -> PrefillResult:
+        """Routed prefill of a batch, one sample at a time ([layout.batch-independence])."""
+        host, dtype = self.host, self.config.compute_dtype
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(dtype)
+        with torch.no_grad(), attention_implementation(self.model, "eager"):
+            embeds = host.embed(input_ids, pixel_values)  # [B, T, D]
+            layouts = host.layouts(input_ids, attention_mask)
+            B, T = input_ids.shape
+            logits = torch.zeros(B, T, host.lm_head.out_features, dtype=dtype)
+            hidden_out = torch.zeros(B, T, embeds.shape[-1], dtype=dtype)
+            caches, samples = [], []
+            for b, layout in enumerate(layouts):
+                forced = None if forced_selection is None else forced_selection[b]
+                hidden, cache, sample = self._route_sample(embeds[b, layout.valid], layout, forced)
+                hidden_out[b, layout.valid] = hidden
+                logits[b, layout.valid] = host.logits(hidden)
+                caches.append(cache)
+                samples.append(sample)
+        trace = Trace(policy=self.config.policy, num_layers=host.num_layers, samples=tuple(samples))
+        return PrefillResult(logits=logits, hidden=hidden_out, caches=caches, trace=trace)
+
+    def _route_sample(
+        self, hidden: torch.Tensor, layout: SampleLayout, forced: Sequence[Sequence[int]] | None
+    ) -> tuple[torch.Tensor, SampleCache, SampleTrace]:
+        """Route one sample: ``hidden`` is ``[T_b, D]``, its merged input embeddings."""
+        config, schedule = self.config, self.config.schedule
+        text, visual, N = layout.text, layout.visual, len(layout.visual)
+        generator = torch.Generator().manual_seed(config.scorer.seed)
+        cache, kv_positions = DynamicCache(), []
+        decisions: list[Decision] = []
+        active_visual: list[tuple[int, ...]] = []
+        selected: tuple[int, ...] | None = None
+        previous_input = hidden
+        for index, layer in enumerate(self.host.layers):
+            if N and index in schedule.layers:  # [layout.text-only]: no decision without visual tokens
+                stage = schedule.layers.index(index)
+                decision = self._decide(stage, hidden, previous_input, layout, selected, forced, generator)
+                decisions.append(decision)
+                selected = decision.selected
+            chosen = tuple(range(N)) if selected is None else selected  # [schedule.dense-prefix]
+            active = sorted(text + tuple(visual[i] for i in chosen))
+            previous_input = hidden
+            hidden = run_block(self.host, layer, hidden, active, cache)
+            active_visual.append(chosen)
+            kv_positions.append(torch.tensor(active))
+        sample = SampleTrace(
+            num_text=len(text),
+            visual_positions=visual,
+            decisions=tuple(decisions),
+            active_visual=tuple(active_visual),
+        )
+        return hidden, SampleCache(cache=cache, positions=kv_positions, length=layout.length), sample
+
+    def _decide(
+        self,
+        stage: int,
+        hidden: torch.Tensor,
+        previous_input: torch.Tensor,
+        layout: SampleLayout,
+        selected: tuple[int, ...] | None,
+        forced: Sequence[Sequence[int]] | None,
+        generator: torch.Generator,
+    ) -> Decision:
+        """[selection.pool] [selection.pool-cap] [scoring.probe.input] One decision of one sample."""
+        config, schedule = self.config, self.config.schedule
+        layer_index = schedule.layers[stage]
+        text, visual, N = layout.text, layout.visual, len(layout.visual)
+        pool = candidate_pool(config.policy, N, selected)
+        k = capped_k(schedule.keep_count(stage, N), pool)
+        # The probe sequence: every valid token for reroute; removed tokens no longer exist for remove.
+        keys = (
+            sorted(text + tuple(visual[i] for i in pool))
+            if config.policy == "remove"
+            else range(layout.length)
+        )
+        queries = query_rows(text, visual, config.scorer.query)
+        if config.scorer.kind == "random":
+            scores = random_scores(generator, N)
+        elif config.scorer.probe_layer == "previous":  # [scoring.probe.variant-layer]
+            layer = self.host.layers[layer_index - 1]
+            scores = attention_scores(
+                self.host, layer, previous_input, keys, queries, visual, config.compute_dtype
+            )
+        else:
+            layer = self.host.layers[layer_index]
+            scores = attention_scores(self.host, layer, hidden, keys, queries, visual, config.compute_dtype)
+        if forced is None:
+            chosen = select_topk(scores, pool, k)
+        else:
+            chosen = tuple(sorted(forced[stage]))
+            if len(set(chosen)) != k or not set(chosen) <= set(pool):
+                raise RoutingError(
+                    "selection.pool",
+                    f"forced selection {list(chosen)} at decision layer {layer_index} is not {k} distinct tokens of the pool",
+                )
+        return Decision(
+            layer=layer_index,
+            stage=stage,
+            pool=pool,
+            scores=scores,
+            k=k,
+            selected=chosen,
+            probe_keys=len(keys),
+            probe_queries=len(queries),
+        )

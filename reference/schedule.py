@@ -1,0 +1,224 @@
+"""Routing configuration: schedules, scorers, policies and named presets (spec/schedule.md).
+
+Everything here is a frozen dataclass validated on construction; a bad value raises ``ValueError``
+naming the value and the rule it breaks. Nothing is silently clamped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+Policy = Literal["remove", "reroute"]
+POLICIES: tuple[str, ...] = ("remove", "reroute")
+
+
+class RoutingError(ValueError):
+    """A routing input breaks a spec rule; the message names the value and the rule ID."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(f"{message} [rule {rule}]")
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """[schedule.decision-layers] Decision layers and a keep target per decision.
+
+    ``keep`` holds fractions of the sample's ORIGINAL visual count N when ``unit == "ratio"``
+    ([schedule.keep-ratio]) or absolute token counts when ``unit == "count"``
+    ([schedule.keep-count]). Stage s covers layers ``[layers[s], layers[s+1])``; the last stage
+    runs to the final layer ([schedule.stages]). Layers before ``layers[0]`` are dense
+    ([schedule.dense-prefix]).
+    """
+
+    layers: tuple[int, ...]
+    keep: tuple[float, ...]
+    unit: Literal["ratio", "count"] = "ratio"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "keep", tuple(self.keep))
+        if self.unit not in ("ratio", "count"):
+            raise RoutingError("schedule.keep-ratio", f"unit={self.unit!r} is not 'ratio' or 'count'")
+        if not self.layers:
+            raise RoutingError("schedule.decision-layers", "a schedule needs at least one decision layer")
+        if len(self.layers) != len(self.keep):
+            raise RoutingError(
+                "schedule.decision-layers",
+                f"{len(self.layers)} decision layers {list(self.layers)} but {len(self.keep)} keep values {list(self.keep)}",
+            )
+        for layer in self.layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise RoutingError(
+                    "schedule.decision-layers", f"decision layer {layer!r} is not an integer >= 0"
+                )
+        for a, b in zip(self.layers, self.layers[1:]):
+            if b <= a:
+                raise RoutingError(
+                    "schedule.decision-layers",
+                    f"decision layers {list(self.layers)} are not strictly increasing ({a} then {b})",
+                )
+        for value in self.keep:
+            if self.unit == "ratio":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+                    raise RoutingError("schedule.keep-ratio", f"keep ratio {value!r} is outside (0, 1]")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RoutingError("schedule.keep-count", f"keep count {value!r} is not an integer >= 1")
+
+    @property
+    def num_decisions(self) -> int:
+        return len(self.layers)
+
+    def check_layers(self, num_layers: int) -> None:
+        """[schedule.decision-layers] Every decision layer must exist in a model of ``num_layers`` layers."""
+        bad = [layer for layer in self.layers if layer >= num_layers]
+        if bad:
+            raise RoutingError(
+                "schedule.decision-layers",
+                f"decision layers {bad} are out of range for a decoder of {num_layers} layers (valid: 0..{num_layers - 1})",
+            )
+
+    def keep_count(self, decision: int, num_visual: int) -> int:
+        """[schedule.keep-ratio] / [schedule.keep-count] The keep target k of decision ``decision`` for N visual tokens.
+
+        Ratio: ``k = max(1, floor(N * r))``. Count: ``k`` itself, which must not exceed N.
+        The cap by the pool size ([selection.pool-cap]) is applied by the selection, not here.
+        """
+        value = self.keep[decision]
+        if self.unit == "count":
+            if value > num_visual:
+                raise RoutingError(
+                    "schedule.keep-count",
+                    f"keep count {value} at decision layer {self.layers[decision]} exceeds the sample's N={num_visual} visual tokens",
+                )
+            return int(value)
+        return max(1, math.floor(num_visual * value))
+
+    def nominal_keep(self, decision: int, num_visual: int) -> float:
+        """[budget.avg-tokens] The real-valued keep target ``N * r`` (no floor, no minimum), for nominal budgets."""
+        value = self.keep[decision]
+        return float(value) if self.unit == "count" else num_visual * float(value)
+
+    def stage_of(self, layer: int) -> int | None:
+        """[schedule.stages] The stage index of ``layer``, or None in the dense prefix."""
+        stage = None
+        for s, start in enumerate(self.layers):
+            if layer >= start:
+                stage = s
+        return stage
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """[scoring.scorer] Which scorer ranks candidates at a decision.
+
+    ``kind="attention"`` is the FastV/PDrop attention probe ([scoring.probe.*]);
+    ``probe_layer`` and ``query`` select its named variants ([scoring.probe.variant-layer],
+    [scoring.probe.variant-query]). ``kind="random"`` is the seeded random baseline
+    ([scoring.scorer.random]).
+    """
+
+    kind: Literal["attention", "random"] = "attention"
+    probe_layer: Literal["decision", "previous"] = "decision"
+    query: Literal["last", "text-after-image"] = "last"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("attention", "random"):
+            raise RoutingError("scoring.scorer", f"scorer kind {self.kind!r} is not 'attention' or 'random'")
+        if self.probe_layer not in ("decision", "previous"):
+            raise RoutingError(
+                "scoring.probe.variant-layer",
+                f"probe_layer {self.probe_layer!r} is not 'decision' or 'previous'",
+            )
+        if self.query not in ("last", "text-after-image"):
+            raise RoutingError(
+                "scoring.probe.variant-query", f"query {self.query!r} is not 'last' or 'text-after-image'"
+            )
+
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """A complete routing setup: schedule, policy, scorer, and the reference's compute dtype."""
+
+    schedule: Schedule
+    policy: Policy = "reroute"
+    scorer: Scorer = field(default_factory=Scorer)
+    compute_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise RoutingError("selection.pool", f"policy {self.policy!r} is not one of {list(POLICIES)}")
+        if self.compute_dtype not in _COMPUTE_DTYPES:
+            raise RoutingError(
+                "routing.errors", f"compute_dtype {self.compute_dtype} is not torch.float32 or torch.float64"
+            )
+        if self.scorer.probe_layer == "previous" and self.schedule.layers[0] == 0:
+            raise RoutingError(
+                "scoring.probe.variant-layer",
+                "probe_layer='previous' needs decision layers >= 1, got layer 0",
+            )
+
+    def with_policy(self, policy: Policy) -> RoutingConfig:
+        return replace(self, policy=policy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets [schedule.presets]. LLaVA-1.5 (32 layers) schedules of the Reroute release
+# (elmma/mllm-reroute, configs/experiment/llava15/**, as read in research/reroute.md §5.2),
+# PDrop's own default (Cooperx521/PyramidDrop, layer_list [8,16,24], λ = 0.5) and FastV's
+# paper default (K = 2, R = 50 %).
+# ---------------------------------------------------------------------------------------------
+
+_FASTV_RATIO = {192: 0.2644, 128: 0.1418, 64: 0.01916}
+_PDROP_RATIOS = {
+    192: (0.5965, 0.3558, 0.2123, 0.1266),
+    128: (0.4570, 0.2088, 0.0954, 0.0436),
+    64: (0.2789, 0.0937, 0.0315, 0.0106),
+}
+_OURS_PDROP_ALPHA = {192: 0.4502, 128: 0.2655, 64: 0.1392}
+
+
+def _ours_vs_pdrop(alpha: float) -> tuple[float, ...]:
+    # [α, α, α/2, α/4], rounded to 4 decimals as in the release configs
+    return (alpha, alpha, round(alpha / 2, 4), round(alpha / 4, 4))
+
+
+def _build_presets() -> dict[str, RoutingConfig]:
+    presets: dict[str, RoutingConfig] = {}
+    for tier in (192, 128, 64):
+        presets[f"fastv_K3_avg{tier}"] = RoutingConfig(Schedule((3,), (_FASTV_RATIO[tier],)), policy="remove")
+        presets[f"ours_vs_fastv_avg{tier}"] = RoutingConfig(
+            Schedule((3, 7, 15, 23), (_FASTV_RATIO[tier],) * 4), policy="reroute"
+        )
+        presets[f"pdrop_earlyL2_avg{tier}"] = RoutingConfig(
+            Schedule((2, 7, 15, 23), _PDROP_RATIOS[tier]), policy="remove"
+        )
+        presets[f"ours_vs_pdrop_avg{tier}"] = RoutingConfig(
+            Schedule((2, 7, 15, 23), _ours_vs_pdrop(_OURS_PDROP_ALPHA[tier])), policy="reroute"
+        )
+    presets["pdrop_default"] = RoutingConfig(Schedule((8, 16, 24), (0.5, 0.25, 0.125)), policy="remove")
+    presets["fastv_K2_R50"] = RoutingConfig(
+        Schedule((2,), (0.5,)), policy="remove", scorer=Scorer(probe_layer="previous")
+    )
+    return presets
+
+
+PRESETS: dict[str, RoutingConfig] = _build_presets()
+
+
+def preset(name: str, *, policy: Policy | None = None) -> RoutingConfig:
+    """[schedule.presets] The named preset, optionally with its policy swapped."""
+    if name not in PRESETS:
+        raise RoutingError(
+            "schedule.presets", f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}"
+        )
+    config = PRESETS[name]
+    return config if policy is None else config.with_policy(policy)

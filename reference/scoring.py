@@ -1,0 +1,93 @@
+"""Scorers: the attention probe and the random baseline (spec/scoring.md).
+
+The reference probe builds the full attention-probability matrix over the probe sequence and then
+reads the query row(s); the optimized path computes only those rows. Both give the same scores.
+
+Notation: n probe-sequence length, H query heads, H_kv key/value heads, hd head dim, N visual tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .host import LlavaHost, causal_mask
+from .schedule import RoutingError
+
+
+def probe_probabilities(
+    host: LlavaHost, layer: nn.Module, states: torch.Tensor, positions: torch.Tensor, score_dtype: torch.dtype
+) -> torch.Tensor:
+    """[scoring.probe.projection] [scoring.probe.softmax] Attention probabilities ``[H, n, n]`` of ``layer``'s probe.
+
+    Args:
+        states: ``[n, D]`` the hidden states entering ``layer`` for the probe sequence
+            ([scoring.probe.input]).
+        positions: ``[n]`` their ORIGINAL position ids, ascending.
+        score_dtype: float32, or float64 in a float64 reference.
+    """
+    attn = layer.self_attn
+    n, head_dim = states.shape[0], attn.head_dim
+    x = layer.input_layernorm(states[None])  # [1, n, D]
+    q = attn.q_proj(x).view(1, n, -1, head_dim).transpose(1, 2)  # [1, H, n, hd]
+    k = attn.k_proj(x).view(1, n, -1, head_dim).transpose(1, 2)  # [1, H_kv, n, hd]
+    cos, sin = host.rotary_embeddings(x, positions[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [1, H, n, hd]: each kv head serves its group
+    logits = (q.to(score_dtype) @ k.to(score_dtype).transpose(-1, -2)) * attn.scaling  # [1, H, n, n]
+    logits = logits + causal_mask(positions, positions, score_dtype)
+    return torch.softmax(logits, dim=-1)[0]  # [H, n, n]
+
+
+def query_rows(text: Sequence[int], visual: Sequence[int], variant: str) -> tuple[int, ...]:
+    """[scoring.probe.query-row] [scoring.probe.variant-query] Positions of the query rows the scorer reads."""
+    if not text:
+        raise RoutingError(
+            "scoring.probe.query-row", "the sample has no text token to use as the probe's query row"
+        )
+    if variant == "last":
+        return (text[-1],)
+    after = tuple(p for p in text if p > visual[-1])
+    if not after:
+        raise RoutingError(
+            "scoring.probe.variant-query",
+            f"query='text-after-image' but no text token follows the last visual position {visual[-1]}",
+        )
+    return after
+
+
+def attention_scores(
+    host: LlavaHost,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    keys: Sequence[int],
+    queries: Sequence[int],
+    visual: Sequence[int],
+    score_dtype: torch.dtype,
+) -> torch.Tensor:
+    """[scoring.probe.head-mean] Score ``[N]`` of every visual token: the head-mean probability at its column.
+
+    Args:
+        hidden: ``[T_b, D]`` the states entering ``layer`` (deferred rows stale).
+        keys: positions of the probe sequence, ascending ([scoring.probe.input]).
+        queries: positions of the query rows, each in ``keys``.
+        visual: positions of V; a visual token outside ``keys`` scores 0.
+    """
+    key_pos = torch.tensor(keys)
+    probs = probe_probabilities(host, layer, hidden[key_pos], key_pos, score_dtype)  # [H, n, n]
+    column = {p: j for j, p in enumerate(keys)}
+    rows = probs[:, [column[p] for p in queries], :]  # [H, q, n]
+    per_key = rows.mean(dim=0).mean(dim=0)  # [n]: mean over heads, then over query rows
+    scores = torch.zeros(len(visual), dtype=score_dtype)
+    for i, p in enumerate(visual):
+        if p in column:
+            scores[i] = per_key[column[p]]
+    return scores
+
+
+def random_scores(generator: torch.Generator, num_visual: int) -> torch.Tensor:
+    """[scoring.scorer.random] One draw of the seeded random baseline: ``[N]`` float32."""
+    return torch.rand(num_visual, generator=generator, dtype=torch.float64).to(torch.float32)

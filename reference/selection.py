@@ -1,0 +1,48 @@
+"""Candidate pool and top-k selection (spec/selection.md).
+
+Plain Python over visual indices: the selection is a discrete decision and reads best that way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .schedule import RoutingError
+
+
+def candidate_pool(policy: str, num_visual: int, previous: Sequence[int] | None) -> tuple[int, ...]:
+    """[selection.pool] The visual indices eligible at a decision.
+
+    ``reroute``: every visual token, at every decision. ``remove``: every visual token at the first
+    decision (``previous is None``), then exactly the tokens selected at the previous decision.
+    """
+    if policy == "reroute" or previous is None:
+        return tuple(range(num_visual))
+    if policy == "remove":
+        return tuple(previous)
+    raise RoutingError("selection.pool", f"policy {policy!r} is not 'remove' or 'reroute'")
+
+
+def capped_k(k: int, pool: Sequence[int]) -> int:
+    """[selection.pool-cap] The keep target, capped by the pool size."""
+    return min(k, len(pool))
+
+
+def select_topk(scores: torch.Tensor, pool: Sequence[int], k: int) -> tuple[int, ...]:
+    """[selection.topk] The k pool tokens with the highest scores, in original order.
+
+    Ties are broken by the lower visual index ([selection.tiebreak]); the result is sorted
+    ascending ([selection.order]).
+
+    Args:
+        scores: ``[N]`` floating scores of every visual token.
+        pool: eligible visual indices.
+        k: how many to select, ``0 <= k <= len(pool)``.
+    """
+    if not 0 <= k <= len(pool):
+        raise RoutingError("selection.pool-cap", f"cannot select k={k} from a pool of {len(pool)}")
+    values = scores.tolist()
+    ranked = sorted(pool, key=lambda i: (-values[i], i))
+    return tuple(sorted(ranked[:k]))
