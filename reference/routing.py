@@ -190,7 +190,7 @@ class Reference:
             if config.policy == "remove"
             else range(layout.length)
         )
-        queries = query_rows(text, visual, config.scorer.query)
+        queries = () if config.scorer.kind == "random" else query_rows(text, visual, config.scorer.query)
         if config.scorer.kind == "random":
             scores = random_scores(generator, N)
         elif config.scorer.probe_layer == "previous":  # [scoring.probe.variant-layer]
@@ -217,6 +217,6 @@ class Reference:
             scores=scores,
             k=k,
             selected=chosen,
-            probe_keys=len(keys),
+            probe_keys=len(keys) if queries else 0,  # the random scorer runs no probe
             probe_queries=len(queries),
         )

@@ -183,12 +183,12 @@ _PDROP_RATIOS = {
     128: (0.4570, 0.2088, 0.0954, 0.0436),
     64: (0.2789, 0.0937, 0.0315, 0.0106),
 }
-_OURS_PDROP_ALPHA = {192: 0.4502, 128: 0.2655, 64: 0.1392}
-
-
-def _ours_vs_pdrop(alpha: float) -> tuple[float, ...]:
-    # [α, α, α/2, α/4], rounded to 4 decimals as in the release configs
-    return (alpha, alpha, round(alpha / 2, 4), round(alpha / 4, 4))
+# [α, α, α/2, α/4] exactly as the release configs write them (0.4502/4 is written 0.1126 there).
+_OURS_PDROP_RATIOS = {
+    192: (0.4502, 0.4502, 0.2251, 0.1126),
+    128: (0.2655, 0.2655, 0.1328, 0.0664),
+    64: (0.1392, 0.1392, 0.0696, 0.0348),
+}
 
 
 def _build_presets() -> dict[str, RoutingConfig]:
@@ -202,7 +202,7 @@ def _build_presets() -> dict[str, RoutingConfig]:
             Schedule((2, 7, 15, 23), _PDROP_RATIOS[tier]), policy="remove"
         )
         presets[f"ours_vs_pdrop_avg{tier}"] = RoutingConfig(
-            Schedule((2, 7, 15, 23), _ours_vs_pdrop(_OURS_PDROP_ALPHA[tier])), policy="reroute"
+            Schedule((2, 7, 15, 23), _OURS_PDROP_RATIOS[tier]), policy="reroute"
         )
     presets["pdrop_default"] = RoutingConfig(Schedule((8, 16, 24), (0.5, 0.25, 0.125)), policy="remove")
     presets["fastv_K2_R50"] = RoutingConfig(

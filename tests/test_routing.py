@@ -180,3 +180,29 @@ def test_routed_logits_differ_from_dense_and_reference_leaves_model_untouched(ll
     assert not torch.allclose(routed[0, last], dense[0, last])
     assert llava.config.get_text_config()._attn_implementation == attn
     assert all(torch.equal(before[k], v) for k, v in llava.state_dict().items())
+
+
+@pytest.mark.spec("routing.active.causal")
+def test_a_later_token_never_changes_earlier_rows(llava, single):
+    ref = Reference(llava, RoutingConfig(MULTI))
+    base = ref.prefill(**single)
+    forced = [[d.selected for d in base.trace.samples[0].decisions]]
+    ids = single["input_ids"].clone()
+    ids[0, -1] = (ids[0, -1] + 1) % 90 + 4  # another text token at the last position
+    changed = ref.prefill(ids, pixel_values=single["pixel_values"], forced_selection=forced)
+    assert torch.equal(base.logits[0, :-1], changed.logits[0, :-1])
+    assert not torch.equal(base.logits[0, -1], changed.logits[0, -1])
+
+
+@pytest.mark.spec("layout.text-set")
+def test_text_tokens_are_always_active_and_never_scored(llava, mixed_batch):
+    batch, _ = mixed_batch
+    extreme = Schedule((1, 3), (1, 1), unit="count")
+    result = Reference(llava, RoutingConfig(extreme)).prefill(**batch)
+    for sample, cache in zip(result.trace.samples, result.caches):
+        text = [p for p in range(sample.seq_len) if p not in sample.visual_positions]
+        assert sample.num_text == len(text)
+        for layer in range(6):
+            assert set(text) <= set(cache.positions[layer].tolist())
+        for decision in sample.decisions:
+            assert decision.scores.shape == (sample.num_visual,) and decision.k == 1

@@ -1,0 +1,3 @@
+from rerouting.cli import main
+
+raise SystemExit(main())
