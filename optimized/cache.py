@@ -1,0 +1,142 @@
+"""The routed KV cache: per-layer, per-sample lengths in padded storage (spec/cache.md).
+
+After a routed prefill, layer l holds the K/V of exactly its active tokens ([cache.contents]): their number
+differs per layer and per sample. Storage is one ``DynamicLayer`` per decoder layer holding the compact batch
+``[B, H_kv, n_l, hd]`` (right-padded to the widest sample); decoded tokens are appended behind that padding,
+one column per step for every sample. The per-sample valid prefix lengths make the decode masks.
+
+Notation used for tensor shapes:
+    B batch, L layers, H_kv key/value heads, hd head dim, n_l padded prefill entries of layer l,
+    q new tokens, C = n_l + steps + q cache columns seen by a decode step, T padded prompt length.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from rerouting.reference import RoutingError, SampleCache
+
+from .packing import Packing
+
+
+class RoutedCache(Cache):
+    """[cache.contents] A ``transformers.Cache`` whose layers hold different numbers of entries per sample.
+
+    Attributes:
+        prefill_lengths: ``[B]`` long, T_b; decoded tokens take positions T_b, T_b + 1, ...
+            ([cache.decode.positions]).
+        columns: T, the padded prompt length (what ``get_seq_length`` counts, like the host's own cache).
+        steps: tokens decoded so far per sample.
+        entries: per layer, ``[B]`` long, the valid prefill entries of each sample (text + active visual).
+        positions: per layer, ``[B, n_l]`` long, the original position of each entry (padding entries hold
+            Tv, the buffer's trash row, and are never visible).
+    """
+
+    def __init__(self, num_layers: int, prefill_lengths: torch.Tensor, columns: int):
+        super().__init__(layers=[DynamicLayer() for _ in range(num_layers)])
+        self.prefill_lengths = prefill_lengths
+        self.columns = columns
+        self.steps = 0
+        self.entries: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: list[torch.Tensor | None] = [None] * num_layers
+
+    # --- prefill ---------------------------------------------------------------------------------
+    def record(self, layer_idx: int, packing: Packing) -> None:
+        """[cache.contents] Note which tokens layer ``layer_idx`` is about to store (its compact packing)."""
+        self.entries[layer_idx] = packing.lengths
+        self.positions[layer_idx] = packing.index
+
+    # --- the Cache interface ---------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Padded-batch columns seen so far (T + steps), matching the caller's growing attention mask."""
+        return self.columns + self.steps if self.entries[0] is not None else 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise RoutingError("cache.decode.unrouted", "a routed cache cannot be cropped")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        index = torch.arange(self.prefill_lengths.shape[0], device=self.prefill_lengths.device)
+        self._select(index.repeat_interleave(repeats))
+
+    def _select(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))
+        index = index.to(self.prefill_lengths.device)
+        self.prefill_lengths = self.prefill_lengths.index_select(0, index)
+        self.entries = [e.index_select(0, index) for e in self.entries]
+        self.positions = [p.index_select(0, index) for p in self.positions]
+
+    # --- decode ----------------------------------------------------------------------------------
+    def width(self, layer_idx: int) -> int:
+        """n_l, the padded prefill entries of layer ``layer_idx``."""
+        return int(self.positions[layer_idx].shape[1])
+
+    def decode_positions(self, num_new: int) -> torch.Tensor:
+        """[cache.decode.positions] Positions ``[B, q]`` of the next ``q`` tokens: T_b + steps + i."""
+        new = torch.arange(num_new, device=self.prefill_lengths.device)
+        return self.prefill_lengths[:, None] + self.steps + new[None, :]  # [B, q]
+
+    def decode_mask(
+        self, layer_idx: int, num_new: int, implementation: str, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """[cache.decode.unrouted] Mask ``[B, 1, q, C]`` of ``q`` new tokens over layer ``layer_idx``'s cache.
+
+        Visible: the sample's valid prefill entries of this layer, every decoded token, and the new tokens
+        causally. None where SDPA needs no mask at all (one new token, no padded entry).
+        """
+        entries, width = self.entries[layer_idx], self.width(layer_idx)
+        if implementation == "sdpa" and num_new == 1 and bool((entries == width).all()):
+            return None
+        B, device = entries.shape[0], entries.device
+        prefix = torch.arange(width, device=device)[None, :] < entries[:, None]  # [B, n_l]
+        prefix = prefix[:, None, :].expand(B, num_new, width)  # [B, q, n_l]
+        decoded = torch.ones(B, num_new, self.steps, dtype=torch.bool, device=device)  # [B, q, steps]
+        new = torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril()  # [q, q]
+        visible = torch.cat([prefix, decoded, new.expand(B, num_new, num_new)], dim=-1)[
+            :, None
+        ]  # [B, 1, q, C]
+        if implementation == "sdpa":
+            return visible
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~visible, torch.finfo(dtype).min)
+
+    def advance(self, num_new: int) -> None:
+        """Count ``num_new`` decoded tokens once every layer has stored them."""
+        self.steps += num_new
+
+    # --- views for tests and audits --------------------------------------------------------------
+    def layer_lengths(self, layer_idx: int) -> torch.Tensor:
+        """[budget.kv.entries] ``[B]`` long, entries of every sample in layer ``layer_idx`` (prefill + decoded)."""
+        return self.entries[layer_idx] + self.steps
+
+    def layer_kv(self, layer_idx: int, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[H_kv, n, hd]`` of one sample in one layer, padding dropped, in cache order."""
+        layer = self.layers[layer_idx]
+        n, width = int(self.entries[layer_idx][sample]), self.width(layer_idx)
+        keep = torch.cat([torch.arange(n), torch.arange(width, width + self.steps)]).to(layer.keys.device)
+        return layer.keys[sample].index_select(1, keep), layer.values[sample].index_select(1, keep)
+
+    def sample_cache(self, sample: int) -> SampleCache:
+        """One sample's cache in the reference's form (a batch-1 ``DynamicCache``), for comparisons."""
+        from transformers import DynamicCache
+
+        cache, positions = DynamicCache(), []
+        for layer_idx in range(len(self.layers)):
+            keys, values = self.layer_kv(layer_idx, sample)
+            cache.update(keys[None], values[None], layer_idx)  # [1, H_kv, n, hd] each
+            n = int(self.entries[layer_idx][sample])
+            positions.append(self.positions[layer_idx][sample, :n].cpu())
+        return SampleCache(cache=cache, positions=positions, length=int(self.prefill_lengths[sample]))

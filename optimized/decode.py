@@ -1,0 +1,87 @@
+"""Decoding from a routed prefill's cache, batched (spec/cache.md).
+
+Decode is never routed: each new token runs every layer densely against that layer's own cache, whose
+length differs per layer and per sample; the per-layer masks hide each sample's padded entries, and positions
+continue from each sample's T_b.
+
+Notation used for tensor shapes: B batch, q new tokens per step, D hidden, V vocabulary, T padded prompt length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rerouting.reference import LlavaHost, RoutingConfig
+
+from .cache import RoutedCache
+from .routing import PrefillResult, attention_implementation, check_host, routed_prefill
+
+
+def decode_step(model: nn.Module, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
+    """[cache.decode.unrouted] [cache.decode.positions] Feed ``tokens`` (``[B, q]``); return logits ``[B, q, V]``.
+
+    Appends q entries to every layer of ``cache`` (in place). The new tokens attend to their layer's valid
+    cache entries, to every earlier decoded token and causally to each other.
+    """
+    host = LlavaHost(model)
+    implementation = attention_implementation(host)
+    with torch.no_grad():
+        return _decode(host, implementation, cache, tokens)
+
+
+def _decode(host: LlavaHost, implementation: str, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
+    h = host.model.model.get_input_embeddings()(tokens)  # [B, q, D]
+    positions = cache.decode_positions(tokens.shape[1])  # [B, q]
+    rotary = host.rotary_embeddings(h, positions)  # cos, sin: [B, q, hd]
+    for index, layer in enumerate(host.layers):
+        h = layer(
+            h,
+            attention_mask=cache.decode_mask(index, tokens.shape[1], implementation, h.dtype),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=rotary,
+        )  # [B, q, D]
+    cache.advance(tokens.shape[1])
+    return host.logits(h)  # [B, q, V]
+
+
+def last_valid_logits(
+    host: LlavaHost, result: PrefillResult, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """[routing.output] Logits ``[B, 1, V]`` at each sample's last valid prompt token (any padding side)."""
+    B, T = result.hidden.shape[:2]
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=result.hidden.device)
+    columns = torch.arange(T, device=attention_mask.device).expand(B, T)
+    last = columns.masked_fill(attention_mask == 0, -1).amax(dim=1)  # [B]
+    hidden = result.hidden.gather(1, last[:, None, None].expand(B, 1, result.hidden.shape[-1]))  # [B, 1, D]
+    return host.logits(hidden)
+
+
+def greedy_generate(
+    model: nn.Module,
+    config: RoutingConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, PrefillResult]:
+    """[cache.decode.unrouted] Greedy decoding: a routed prefill, then unrouted steps from its cache.
+
+    Returns ``[B, max_new_tokens]`` generated ids (no early stop at EOS) and the prefill result, whose cache
+    has been advanced by the decoded tokens (all but the last, which is never fed back).
+    """
+    host, implementation = check_host(model, config)
+    result = routed_prefill(model, config, input_ids, attention_mask, pixel_values, logits_to_keep=1)
+    with torch.no_grad():
+        logits = last_valid_logits(host, result, attention_mask)  # [B, 1, V]
+        generated = []
+        for step in range(max_new_tokens):
+            tokens = logits[:, -1].argmax(dim=-1)  # [B]
+            generated.append(tokens)
+            if step + 1 < max_new_tokens:
+                logits = _decode(host, implementation, result.cache, tokens[:, None])  # [B, 1, V]
+    return torch.stack(generated, dim=1), result

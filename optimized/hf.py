@@ -1,0 +1,178 @@
+"""Hugging Face integration: route an unmodified model's ``model(**inputs)`` and ``model.generate(**inputs)``.
+
+    with rerouting.optimized.route(model, config) as router:
+        out = model(**inputs)                     # routed prefill; out.past_key_values is a RoutedCache
+        ids = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        trace = router.last_trace
+
+Inside the block the model instance's ``forward`` is replaced by a routed one: a prefill (no cache, or an
+empty one) runs ``routed_prefill``; a call with a ``RoutedCache`` decodes from it, unrouted. Nothing else is
+touched: no weight, no config, no attention implementation, no class. On exit (also after an exception) the
+instance attribute is removed again, so the model is bit-identical to before.
+
+Notation used for tensor shapes: B batch, T padded length, q new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Cache
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+from rerouting.reference import RoutingConfig, RoutingError, Trace
+
+from .cache import RoutedCache
+from .decode import decode_step
+from .routing import PrefillResult, check_host, routed_prefill
+
+# forward() arguments the routed path cannot honour: passing them (not None / not False) is an error, never
+# a quietly unrouted or differently computed forward ([routing.errors]).
+_UNSUPPORTED = (
+    "inputs_embeds",
+    "labels",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "image_sizes",
+    "output_attentions",
+    "output_hidden_states",
+)
+
+
+class Router:
+    """[routing.errors] Context manager routing one model's ``forward`` and ``generate`` under one config.
+
+    Attributes:
+        last_result: the ``PrefillResult`` of the last routed prefill inside the block.
+        last_trace: its ``Trace``.
+    """
+
+    def __init__(self, model: nn.Module, config: RoutingConfig):
+        check_host(model, config)  # fail at construction: class, attention implementation, schedule
+        self.model, self.config = model, config
+        self.last_result: PrefillResult | None = None
+        self._saved: tuple[bool, Any] | None = None
+
+    @property
+    def last_trace(self) -> Trace | None:
+        return None if self.last_result is None else self.last_result.trace
+
+    def __enter__(self) -> Router:
+        if self._saved is not None:
+            raise RoutingError("routing.errors", "this router is already active; it is not re-entrant")
+        model = self.model
+        self._saved = ("forward" in model.__dict__, model.__dict__.get("forward"))
+        original = model.forward  # bound method (or a wrapper already installed by someone else)
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)  # generate() reads the signature (logits_to_keep, accepted kwargs)
+        def forward(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            return self._forward(dict(bound.arguments))
+
+        model.forward = forward
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        had_forward, previous = self._saved
+        if had_forward:
+            self.model.forward = previous
+        else:
+            del self.model.forward
+        self._saved = None
+        return False
+
+    def _forward(self, arguments: dict[str, Any]) -> Any:
+        """The routed ``forward``: a routed prefill, or an unrouted decode step from a ``RoutedCache``."""
+        arguments.update(arguments.pop("kwargs", {}))
+        for name in _UNSUPPORTED:
+            value = arguments.get(name)
+            if value is not None and value is not False:
+                raise RoutingError(
+                    "routing.errors", f"forward argument {name!r} is not supported while routing"
+                )
+        if arguments.get("input_ids") is None:
+            raise RoutingError(
+                "routing.errors", "routing needs input_ids (the image placeholders mark the visual tokens)"
+            )
+        use_cache = arguments.get("use_cache")
+        use_cache = self.model.config.get_text_config().use_cache if use_cache is None else use_cache
+        cache = arguments.get("past_key_values")
+        if isinstance(cache, RoutedCache) and cache.get_seq_length() > 0:
+            logits = self._decode(arguments, cache)
+        elif isinstance(cache, Cache) and cache.get_seq_length() > 0:
+            raise RoutingError(
+                "cache.decode.unrouted",
+                f"a routed forward cannot continue a {type(cache).__name__} that already holds tokens",
+            )
+        else:
+            self.last_result = self._prefill(arguments, use_cache)
+            logits, cache = self.last_result.logits, self.last_result.cache
+        output = LlavaCausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache else None)
+        return output.to_tuple() if arguments.get("return_dict") is False else output
+
+    def _prefill(self, arguments: dict[str, Any], use_cache: bool) -> PrefillResult:
+        """[routing.output] A routed prefill from the forward's arguments (pixels, or features from ``generate``)."""
+        encoded = arguments.get("mm_encoder_outputs") or {}
+        if set(encoded) - {"image"}:
+            raise RoutingError("routing.errors", f"mm_encoder_outputs for {sorted(set(encoded) - {'image'})}")
+        image = encoded.get("image")
+        input_ids, attention_mask = arguments["input_ids"], arguments.get("attention_mask")
+        valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # [B, T]
+        check_positions(arguments.get("position_ids"), valid.long().cumsum(-1) - 1, valid.bool())
+        return routed_prefill(
+            self.model,
+            self.config,
+            input_ids,
+            attention_mask,
+            arguments.get("pixel_values"),
+            use_cache=use_cache,
+            logits_to_keep=arguments.get("logits_to_keep", 0),
+            image_features=None if image is None else image.pooler_output,
+        )
+
+    def _decode(self, arguments: dict[str, Any], cache: RoutedCache) -> torch.Tensor:
+        """[cache.decode.unrouted] One unrouted decode step from the routed cache: logits ``[B, q or k, V]``."""
+        encoded = arguments.get("mm_encoder_outputs") or {}
+        if arguments.get("pixel_values") is not None or encoded.get("image") is not None:
+            raise RoutingError("cache.decode.unrouted", "images given to a decode step from a routed cache")
+        input_ids, attention_mask = arguments["input_ids"], arguments.get("attention_mask")
+        q = input_ids.shape[1]
+        if attention_mask is not None and not bool(attention_mask[:, -q:].bool().all()):
+            raise RoutingError("cache.decode.unrouted", "decoded tokens must be valid (attention_mask 1)")
+        check_positions(arguments.get("position_ids"), cache.decode_positions(q), None)
+        logits = decode_step(self.model, cache, input_ids)  # [B, q, V]; checks the attention implementation
+        keep = arguments.get("logits_to_keep", 0)
+        return logits[:, slice(-keep, None) if isinstance(keep, int) else keep]
+
+
+def check_positions(given: torch.Tensor | None, expected: torch.Tensor, valid: torch.Tensor | None) -> None:
+    """[routing.active.positions] Caller-given ``position_ids`` must be the spec's own on valid tokens.
+
+    ``generate`` passes ``cumsum(attention_mask) - 1``, which is the spec's rank among valid tokens; anything
+    else (e.g. the positions ``generate`` continues after right padding) is an error, not silently overridden.
+    """
+    if given is None:
+        return
+    given = given.to(expected.device).expand_as(expected)  # [B, q]
+    differs = given != expected
+    if valid is not None:
+        differs &= valid
+    if bool(differs.any()):
+        raise RoutingError(
+            "routing.active.positions",
+            f"position_ids {given.tolist()} differ from the routed positions {expected.tolist()} on valid tokens "
+            "(valid tokens take their rank; decoded tokens continue from T_b: pad on the left for generate)",
+        )
+
+
+def route(model: nn.Module, config: RoutingConfig) -> Router:
+    """[routing.errors] Route ``model`` under ``config`` inside a ``with`` block (see the module docstring).
+
+    Raises ``RoutingError`` at once for an unsupported model class, attention implementation or schedule.
+    """
+    return Router(model, config)

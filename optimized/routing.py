@@ -1,0 +1,413 @@
+"""The optimized routed prefill: batched, packed, compact within a stage (spec/routing.md).
+
+Every sample keeps its own decisions. The active tokens of all samples are packed with one index gather into
+a compact, right-padded batch and run through the host's own decoder layers (their own attention, SDPA or
+eager) with one mask per stage built from original positions. Inside a stage the compact batch goes from
+layer to layer untouched by any gather or scatter; the deferred rows wait in the buffer and are never copied.
+At a decision the compact rows are scattered into the buffer once (the probe input of reroute: every valid
+token, deferred ones stale), the probe scores only the query row(s), and the next stage's rows are gathered.
+
+Notation used for tensor shapes:
+    B batch, T padded length, T_b valid length of sample b, Tv = max_b T_b, n compact length, D hidden,
+    V vocabulary, N visual tokens (padded to the batch's largest N), q query rows, L decoder layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rerouting.reference import (
+    Decision,
+    LlavaHost,
+    RoutingConfig,
+    RoutingError,
+    SampleCache,
+    SampleTrace,
+    Trace,
+    candidate_pool,
+    capped_k,
+)
+from rerouting.reference.scoring import query_rows, random_scores
+
+from .cache import RoutedCache
+from .packing import (
+    SUPPORTED_ATTENTION,
+    Packing,
+    gather_rows,
+    inverse,
+    pack,
+    scatter_rows_,
+    stage_mask,
+    valid_columns,
+)
+from .scoring import probe_scores
+from .selection import select_topk
+
+# forced_selection[b][s]: the visual indices sample b selects at decision s (same shape as the reference's).
+ForcedSelection = Sequence[Sequence[Sequence[int]]]
+
+
+@dataclass
+class PrefillResult:
+    """Output of an optimized routed prefill (the reference's ``PrefillResult`` fields, batched cache).
+
+    Attributes:
+        logits: ``[B, T, V]`` in the model's dtype, padding rows zero ([routing.output]); with
+            ``logits_to_keep=k > 0`` only the last k columns ``[B, k, V]``.
+        hidden: ``[B, T, D]`` last hidden state before the final norm; padding rows zero.
+        cache: the batched ``RoutedCache`` (None when ``use_cache=False``).
+        trace: the routing record, scores in float32.
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    cache: RoutedCache | None
+    trace: Trace
+
+    @property
+    def caches(self) -> list[SampleCache]:
+        """Per-sample caches in the reference's form (copies; for comparisons)."""
+        if self.cache is None:
+            return []
+        return [self.cache.sample_cache(b) for b in range(len(self.trace.samples))]
+
+
+def attention_implementation(host: LlavaHost) -> str:
+    """[routing.errors] The decoder's attention implementation, if this path supports it."""
+    name = host.config.get_text_config()._attn_implementation
+    if name not in SUPPORTED_ATTENTION:
+        raise RoutingError(
+            "routing.errors",
+            f"attention implementation {name!r} is not supported by the optimized path; "
+            f"supported: {', '.join(SUPPORTED_ATTENTION)}",
+        )
+    return name
+
+
+def check_host(model: nn.Module, config: RoutingConfig) -> tuple[LlavaHost, str]:
+    """[routing.errors] The host adapter and attention implementation, or a ``RoutingError`` naming the value."""
+    host = LlavaHost(model)  # rejects unsupported model classes
+    implementation = attention_implementation(host)
+    config.schedule.check_layers(host.num_layers)
+    return host, implementation
+
+
+def embed(
+    host: LlavaHost,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_features: torch.Tensor | Sequence[torch.Tensor] | None,
+) -> torch.Tensor:
+    """[layout.visual-set] Merged input embeddings ``[B, T, D]``, from pixels (the host's own ``embed``) or from
+    image features the caller already computed with the host's ``get_image_features`` (what ``generate`` does).
+    """
+    if image_features is None:
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(host.dtype)
+        return host.embed(input_ids, pixel_values)
+    if pixel_values is not None:
+        raise RoutingError("layout.visual-set", "give pixel_values or image features, not both")
+    embeds = host.model.model.get_input_embeddings()(input_ids)  # [B, T, D]
+    placeholders = input_ids == host.image_token_id  # [B, T]
+    features = torch.cat(list(image_features), dim=0).to(embeds.dtype)  # [n_features, D]
+    if features.shape[0] != int(placeholders.sum()):
+        raise RoutingError(
+            "layout.visual-set",
+            f"{int(placeholders.sum())} image placeholder tokens (id {host.image_token_id}) but "
+            f"{features.shape[0]} image features",
+        )
+    return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+
+
+@dataclass
+class _Sample:
+    """One sample's routing state during a prefill (python-side bookkeeping)."""
+
+    text: tuple[int, ...]
+    visual: tuple[int, ...]
+    length: int
+    generator: torch.Generator
+    selected: tuple[int, ...] | None = None
+
+    @property
+    def routed(self) -> bool:
+        return bool(self.visual)  # [layout.text-only]
+
+
+class _Prefill:
+    """One routed prefill of one batch. State: the buffer, the current compact batch and its packing."""
+
+    def __init__(self, host: LlavaHost, implementation: str, config: RoutingConfig):
+        self.host, self.implementation, self.config = host, implementation, config
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None,
+        forced: ForcedSelection | None,
+        use_cache: bool,
+        logits_to_keep: int | torch.Tensor,
+    ) -> PrefillResult:
+        host, config = self.host, self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        B, T = input_ids.shape
+        embeds = embed(host, input_ids, pixel_values, image_features)  # [B, T, D]
+        layouts = host.layouts(input_ids, attention_mask)
+        if forced is not None and len(forced) != B:
+            raise RoutingError(
+                "selection.pool", f"forced_selection has {len(forced)} samples, the batch has {B}"
+            )
+        self.samples = [
+            _Sample(lay.text, lay.visual, lay.length, torch.Generator().manual_seed(config.scorer.seed))
+            for lay in layouts
+        ]
+        cols, lengths = valid_columns(attention_mask)  # [B, Tv], [B]
+        Tv, device = cols.shape[1], embeds.device
+        self.Tv, self.device, self.lengths = Tv, device, lengths
+        rows = torch.arange(Tv, device=device)
+        self.valid = rows[None, :] < lengths[:, None]  # [B, Tv]
+        is_visual = (input_ids.gather(1, cols) == host.image_token_id) & self.valid  # [B, Tv]
+        self.is_text = self.valid & ~is_visual  # [B, Tv]
+        N = max((len(s.visual) for s in self.samples), default=0)
+        self.visual_rows = torch.full((B, N), -1, dtype=torch.long)  # [B, N]: position of visual index i
+        for b, s in enumerate(self.samples):
+            if s.visual:
+                self.visual_rows[b, : len(s.visual)] = torch.tensor(s.visual, dtype=torch.long)
+        self.visual_rows = self.visual_rows.to(device)
+
+        # The buffer: every valid token at row = position, then the trash row Tv.
+        trash = embeds.new_zeros(B, 1, embeds.shape[-1])
+        self.buffer = torch.cat([gather_rows(embeds, cols), trash], dim=1)  # [B, Tv + 1, D]
+        self.dense = pack(self.valid)  # [schedule.dense-prefix]: every valid token active
+        self.cache = RoutedCache(host.num_layers, lengths, T) if use_cache else None
+        decisions = [[] for _ in self.samples]
+        active_visual = [[] for _ in self.samples]
+        self._enter(self.dense, self.buffer[:, :Tv], synced=True)
+        self.dense_rotary = self.rotary  # reused by every reroute probe (same positions 0..Tv-1)
+        early: torch.Tensor | None = None  # probe_layer="previous": scores computed before layer d-1
+        routed = any(s.routed for s in self.samples)
+        previous = routed and config.scorer.kind == "attention" and config.scorer.probe_layer == "previous"
+        for index, layer in enumerate(host.layers):
+            if routed and index in config.schedule.layers:
+                stage = config.schedule.layers.index(index)
+                for b, decision in enumerate(self._decide(stage, early, forced)):
+                    if decision is not None:
+                        decisions[b].append(decision)
+                early = None
+            if previous and index + 1 in config.schedule.layers:  # [scoring.probe.variant-layer]
+                early = self._probe(layer)
+            for b, s in enumerate(self.samples):
+                active_visual[b].append(tuple(range(len(s.visual))) if s.selected is None else s.selected)
+            self._run_layer(index, layer)
+        self._sync()
+        hidden, logits = self._outputs(cols, attention_mask, logits_to_keep)
+        trace = Trace(
+            policy=config.policy,
+            num_layers=host.num_layers,
+            samples=tuple(
+                SampleTrace(
+                    num_text=len(s.text),
+                    visual_positions=s.visual,
+                    decisions=tuple(decisions[b]),
+                    active_visual=tuple(active_visual[b]),
+                )
+                for b, s in enumerate(self.samples)
+            ),
+        )
+        return PrefillResult(logits=logits, hidden=hidden, cache=self.cache, trace=trace)
+
+    # --- stage state ---------------------------------------------------------------------------------
+    def _enter(self, packing: Packing, x: torch.Tensor, *, synced: bool) -> None:
+        """[routing.active.positions] [routing.active.causal] Start a stage: its rows, mask and rotary, once."""
+        self.packing, self.x, self.synced = packing, x, synced
+        self.mask = stage_mask(packing, self.implementation, x.dtype)  # [B, 1, n, n] or None
+        positions = packing.index  # [B, n]: original positions (padding rows: Tv, never visible)
+        self.rotary = self.host.rotary_embeddings(x, positions)  # cos, sin: [B, n, hd]
+
+    def _sync(self) -> None:
+        """Scatter the compact rows into the buffer (once per stage): the buffer then holds every token's state."""
+        if not self.synced:
+            scatter_rows_(self.buffer, self.packing.index, self.x)
+            self.synced = True
+
+    def _run_layer(self, index: int, layer: nn.Module) -> None:
+        """[routing.active-set] [routing.bypass] The host's own layer on the compact batch; the buffer is not touched."""
+        if self.cache is not None:
+            self.cache.record(index, self.packing)
+        self.x = layer(
+            self.x,
+            attention_mask=self.mask,
+            position_ids=self.packing.index,
+            past_key_values=self.cache,
+            use_cache=self.cache is not None,
+            position_embeddings=self.rotary,
+        )  # [B, n, D]
+        self.synced = False
+
+    # --- decisions -----------------------------------------------------------------------------------
+    def _probe(self, layer: nn.Module) -> torch.Tensor:
+        """[scoring.probe.input] Probe scores ``[B, N]`` of ``layer`` on the tokens entering it now.
+
+        reroute: every valid token (the buffer after one scatter; deferred rows stale). remove: text plus the
+        pool, which is exactly the current compact batch (removed tokens no longer exist).
+        """
+        policy, variant = self.config.policy, self.config.scorer.query
+        queries = [query_rows(s.text, s.visual, variant) if s.routed else (0,) for s in self.samples]
+        q = max(len(r) for r in queries)
+        query_pos = torch.zeros(len(queries), q, dtype=torch.long)  # [B, q]
+        query_valid = torch.zeros(len(queries), q, dtype=torch.bool)  # [B, q]
+        for b, r in enumerate(queries):
+            query_pos[b, : len(r)] = torch.tensor(r)
+            query_valid[b, : len(r)] = True
+        query_pos, query_valid = query_pos.to(self.device), query_valid.to(self.device)
+        if policy == "reroute":
+            self._sync()
+            states, packing = self.buffer[:, : self.Tv], self.dense  # [B, Tv, D]
+            return probe_scores(
+                self.host,
+                layer,
+                states,
+                packing.index,
+                packing.lengths,
+                query_pos,
+                query_valid,
+                self.visual_rows,
+                self.dense_rotary,
+            )
+        packing = self.packing
+        inv = inverse(packing.index, self.Tv + 1)  # [B, Tv + 1]: compact row of each position
+        columns = inv.gather(1, self.visual_rows.clamp(min=0)).masked_fill(self.visual_rows < 0, -1)  # [B, N]
+        queries_rows = inv.gather(1, query_pos)  # [B, q]
+        return probe_scores(
+            self.host, layer, self.x, packing.index, packing.lengths, queries_rows, query_valid, columns
+        )
+
+    def _decide(
+        self, stage: int, early: torch.Tensor | None, forced: ForcedSelection | None
+    ) -> list[Decision | None]:
+        """[selection.pool] [selection.pool-cap] [scoring.scorer] One decision for every routed sample, then the new stage."""
+        config, schedule = self.config, self.config.schedule
+        layer_index = schedule.layers[stage]
+        scores = None
+        if config.scorer.kind == "attention":
+            scores = early if early is not None else self._probe(self.host.layers[layer_index])
+            scores = scores.float().cpu()  # [B, N]
+        decisions: list[Decision | None] = []
+        keep = self.is_text.clone()  # [B, Tv]: text is always active ([layout.text-set])
+        for b, s in enumerate(self.samples):
+            if not s.routed:
+                decisions.append(None)
+                continue
+            N = len(s.visual)
+            pool = candidate_pool(config.policy, N, s.selected)
+            k = capped_k(schedule.keep_count(stage, N), pool)
+            if scores is None:  # [scoring.scorer.random]: no probe runs
+                queries, sample_scores = (), random_scores(s.generator, N)
+            else:
+                queries, sample_scores = (
+                    query_rows(s.text, s.visual, config.scorer.query),
+                    scores[b, :N].clone(),
+                )
+            if forced is None:
+                chosen = select_topk(sample_scores, pool, k)
+            else:
+                chosen = tuple(sorted(forced[b][stage]))
+                if len(set(chosen)) != k or not set(chosen) <= set(pool):
+                    raise RoutingError(
+                        "selection.pool",
+                        f"forced selection {list(chosen)} at decision layer {layer_index} is not {k} distinct tokens of the pool",
+                    )
+            s.selected = chosen
+            keep[b, [s.visual[i] for i in chosen]] = True
+            probe_keys = (
+                (len(s.text) + len(pool) if config.policy == "remove" else s.length) if queries else 0
+            )
+            decisions.append(
+                Decision(
+                    layer=layer_index,
+                    stage=stage,
+                    pool=pool,
+                    scores=sample_scores,
+                    k=k,
+                    selected=chosen,
+                    probe_keys=probe_keys,
+                    probe_queries=len(queries),
+                )
+            )
+        self._sync()
+        packing = pack(keep)  # [routing.active-set]
+        self._enter(packing, gather_rows(self.buffer, packing.index), synced=True)  # [B, n, D]
+        return decisions
+
+    # --- outputs -------------------------------------------------------------------------------------
+    def _outputs(
+        self, cols: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[routing.output] Hidden ``[B, T, D]`` and logits (padding rows zero) from the buffer's valid rows."""
+        B, T = attention_mask.shape
+        valid = self.buffer[:, : self.Tv].masked_fill(~self.valid[..., None], 0)  # [B, Tv, D]
+        hidden = valid.new_zeros(B, T, valid.shape[-1])
+        scatter_rows_(hidden, cols, valid)  # [B, T, D]: valid rows to their columns
+        if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            logits_valid = self.host.logits(valid)  # [B, Tv, V]
+            logits = scatter_rows_(logits_valid.new_zeros(B, T, logits_valid.shape[-1]), cols, logits_valid)
+            logits.masked_fill_(~attention_mask.bool()[..., None], 0)
+            return hidden, logits
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.host.logits(hidden[:, keep])  # [B, k, V]
+        return hidden, logits.masked_fill(~attention_mask.bool()[:, keep, None], 0)
+
+
+def routed_prefill(
+    model: nn.Module,
+    config: RoutingConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    forced_selection: ForcedSelection | None = None,
+    use_cache: bool = True,
+    logits_to_keep: int | torch.Tensor = 0,
+    image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> PrefillResult:
+    """[layout.batch-independence] Routed prefill of a batch, every sample routed on its own.
+
+    Runs in the model's own dtype and device; scores are float32. ``config.compute_dtype`` is the reference's
+    switch and is ignored here.
+
+    Args:
+        input_ids: ``[B, T]`` long.
+        attention_mask: ``[B, T]``, 1 for valid tokens (any padding side); None = all valid.
+        pixel_values: the images of the batch in order, as the host's vision tower takes them.
+        forced_selection: ``forced_selection[b][s]``, the visual indices sample b selects at decision s
+            (conformance forces decisions with it); must be k distinct tokens of the pool.
+        use_cache: build the per-layer ``RoutedCache`` for decoding.
+        logits_to_keep: 0 for every column, k > 0 for the last k columns only (as the host's ``forward``).
+        image_features: instead of ``pixel_values``, the per-image features ``[n_i, D]`` already computed by the
+            host's ``get_image_features`` (``generate`` passes them as ``mm_encoder_outputs``).
+    """
+    host, implementation = check_host(model, config)
+    try:
+        with torch.no_grad():
+            return _Prefill(host, implementation, config).run(
+                input_ids,
+                attention_mask,
+                pixel_values,
+                image_features,
+                forced_selection,
+                use_cache,
+                logits_to_keep,
+            )
+    except torch.OutOfMemoryError as error:  # [routing.errors]: a clear error, never an unrouted fallback
+        raise RoutingError(
+            "routing.errors",
+            f"out of memory in the routed prefill of a batch of shape {tuple(input_ids.shape)} "
+            f"({config.policy}, decision layers {list(config.schedule.layers)}): {error}",
+        ) from error
