@@ -284,7 +284,9 @@ class _Prefill:
         packing = self.packing
         inv = inverse(packing.index, self.Tv + 1)  # [B, Tv + 1]: compact row of each position
         columns = inv.gather(1, self.visual_rows.clamp(min=0)).masked_fill(self.visual_rows < 0, -1)  # [B, N]
-        queries_rows = inv.gather(1, query_pos)  # [B, q]
+        # Text queries are always in the compact batch; padding entries may name a removed position, so
+        # point them at row 0 (any valid row will do: they carry no weight).
+        queries_rows = inv.gather(1, query_pos).masked_fill(~query_valid, 0)  # [B, q]
         return probe_scores(
             self.host, layer, self.x, packing.index, packing.lengths, queries_rows, query_valid, columns
         )

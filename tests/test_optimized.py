@@ -166,6 +166,19 @@ def test_scorer_variants_match_reference(llava, mixed, scorer, policy):
     assert_matches_reference(out, *references(llava, config, mixed), mixed)
 
 
+@pytest.mark.spec("scoring.probe.variant-query", "selection.pool")
+def test_query_padding_may_point_at_a_removed_position(llava, llava_config):
+    """Regression (found by the conformance oracle): under remove, a sample with fewer query rows than the
+    batch's widest pads its query list with position 0; when position 0 is a removed image token the
+    compact-row lookup gave -1 and the gather failed."""
+    batch = make_batch(llava_config, [SampleSpec((0, 2)), SampleSpec((0, 0, 1))], seed=9)
+    schedule = Schedule((1, 3), (4, 2), unit="count")
+    config = RoutingConfig(schedule, policy="remove", scorer=Scorer(query="text-after-image"))
+    forced = [[(0, 1, 2, 3), (0, 1)], [(5, 6, 7, 8), (5, 6)]]  # sample 1's position 0 is removed at layer 1
+    out = routed_prefill(llava, config, **batch, forced_selection=forced)
+    assert_matches_reference(out, *references(llava, config, batch, forced_selection=forced), batch)
+
+
 @pytest.mark.spec("routing.equiv.remove", "selection.pool")
 def test_forced_selection_matches_reference(llava, mixed):
     forced_from = routed_prefill(llava, RoutingConfig(MULTI, policy="remove"), **mixed).trace
