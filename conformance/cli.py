@@ -1,0 +1,96 @@
+"""``rerouting conform``: run the conformance suite against an implementation and write its report.
+
+    rerouting conform --impl optimized [--max-examples N] [--out DIR] [--profile ci|dev|nightly]
+                      [--dtypes float32,bfloat16] [--device cpu|cuda] [-n auto] [-- extra pytest args]
+
+Runs ``pytest -p rerouting.conformance.plugin --pyargs rerouting.conformance`` in-process with the
+report collector on, writes ``DIR/report.json`` and ``DIR/report.md`` (default ``rerouting-conform``)
+and returns pytest's exit code (0 = every rule passed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+PROFILES = ("ci", "dev", "nightly")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rerouting conform", description="Run the rerouting conformance suite against an implementation."
+    )
+    parser.add_argument(
+        "--impl",
+        default=None,
+        help="reference, optimized or package.module:object (default $REROUTING_IMPL, else reference)",
+    )
+    parser.add_argument("--max-examples", type=int, default=None, help="Hypothesis examples per property")
+    parser.add_argument("--out", default="rerouting-conform", help="folder for report.json and report.md")
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=None,
+        help="Hypothesis profile (default: ci when $CI is set, else dev)",
+    )
+    parser.add_argument("--dtypes", default=None, help="dtypes under test, e.g. float32,bfloat16")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("-n", "--numprocesses", default=None, help="pytest-xdist workers (e.g. auto)")
+    parser.add_argument(
+        "-k", dest="keyword", default=None, help="only tests matching this pytest -k expression"
+    )
+    parser.add_argument("pytest_args", nargs="*", help="extra arguments for pytest (after --)")
+    return parser
+
+
+PLUGIN = "rerouting.conformance.plugin"
+
+
+def _plugin_autoloaded() -> bool:
+    """Whether a ``pytest11`` entry point loads the plugin already (``-p`` would then register it twice)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.value.split(":")[0] == PLUGIN for ep in entry_points(group="pytest11"))
+
+
+def pytest_arguments(options: argparse.Namespace) -> list[str]:
+    args = [] if _plugin_autoloaded() else ["-p", PLUGIN]
+    args += ["--pyargs", "rerouting.conformance", "-q", "-p", "no:cacheprovider"]
+    args += ["--report-dir", str(Path(options.out).resolve())]
+    if options.impl:
+        args += ["--impl", options.impl]
+    if options.max_examples is not None:
+        args += ["--max-examples", str(options.max_examples)]
+    if options.profile:
+        args += ["--hypothesis-profile", options.profile]
+    if options.dtypes:
+        args += ["--dtypes", options.dtypes]
+    if options.device:
+        args += ["--device", options.device]
+    if options.numprocesses:
+        args += ["-n", str(options.numprocesses)]
+    if options.keyword:
+        args += ["-k", options.keyword]
+    return args + list(options.pytest_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite; return pytest's exit code. ``argv`` excludes the program name (and ``conform``)."""
+    import pytest
+
+    options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = pytest_arguments(options)
+    started = time.time()
+    code = int(pytest.main(args))
+    out = Path(options.out)
+    print(f"rerouting conform: exit {code} in {time.time() - started:.1f} s; pytest {shlex.join(args)}")
+    if (out / "report.md").exists():
+        print(f"report: {out / 'report.md'} and {out / 'report.json'}")
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""The conformance report: per rule and per test, what ran, what failed and why, what was skipped.
+
+The pytest plugin (:mod:`.plugin`) attaches to every test report, as ``user_properties`` (so that
+they travel from ``pytest -n`` workers): the rules the test names, the examples it ran and, for a
+failure, the broken rule, the observed vs allowed error, the reproducer and Hypothesis's falsifying
+example. :class:`Collector` gathers them and writes ``report.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .protocol import MARKER, CapabilityMissing, ConformanceFailure
+from .rules import spec_rules
+
+# Examples run per test node id, counted by oracle.run_check (per process; workers report their own).
+EXAMPLES: collections.Counter = collections.Counter()
+_CURRENT: dict[str, str | None] = {"nodeid": None}
+
+
+def set_current(nodeid: str | None) -> None:
+    _CURRENT["nodeid"] = nodeid
+
+
+def count_example() -> None:
+    EXAMPLES[_CURRENT["nodeid"]] += 1
+
+
+def failure_details(error: BaseException, text: str) -> dict[str, Any]:
+    """Structured facts of a failure, from the exception object (in-process) or its text."""
+    details: dict[str, Any] = {"type": type(error).__name__}
+    if isinstance(error, ConformanceFailure):
+        details.update(rule=error.rule, observed=error.observed, allowed=error.allowed)
+    elif isinstance(error, CapabilityMissing):
+        details.update(capability=error.capability)
+    message = str(error).split(MARKER)[0].strip()
+    details["message"] = message
+    notes = "\n".join(getattr(error, "__notes__", []) or [])
+    match = re.search(r"Reproduce with:\n((?:    .*\n?)+)", notes)
+    if match:
+        details["reproducer"] = "\n".join(line[4:] for line in match.group(1).rstrip().splitlines())
+    falsifying = [n for n in getattr(error, "__notes__", []) or [] if not n.startswith("Reproduce with:")]
+    if falsifying:
+        details["falsifying_example"] = "\n".join(falsifying)
+    return details
+
+
+def parse_marker(text: str) -> dict[str, Any]:
+    """The machine-readable line of a ConformanceFailure inside a report's text (last one wins)."""
+    found = {}
+    for line in text.splitlines():
+        line = line.strip().lstrip("E").strip()
+        if line.startswith(MARKER):
+            with contextlib.suppress(json.JSONDecodeError):
+                found = json.loads(line[len(MARKER) :])
+    return found
+
+
+@dataclass
+class TestResult:
+    __test__ = False  # not a pytest test class
+
+    nodeid: str
+    rules: list[str]
+    outcome: str  # passed | failed | skipped | error
+    examples: int = 0
+    duration_s: float = 0.0
+    failure: dict[str, Any] | None = None
+    skip_reason: str | None = None
+
+
+@dataclass(eq=False)  # a pytest plugin object must be hashable
+class Collector:
+    """A pytest plugin object collecting :class:`TestResult` s; writes the report at session end."""
+
+    out_dir: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, TestResult] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def pytest_runtest_logreport(self, report) -> None:
+        props = dict(report.user_properties)
+        result = self.results.get(report.nodeid)
+        if result is None:
+            result = self.results[report.nodeid] = TestResult(
+                report.nodeid, list(props.get("rules", [])), "passed"
+            )
+        result.rules = list(props.get("rules", result.rules))
+        result.examples = max(result.examples, int(props.get("examples", 0)))
+        result.duration_s += float(getattr(report, "duration", 0.0))
+        if report.skipped:
+            result.outcome = "skipped"
+            longrepr = report.longrepr
+            result.skip_reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        elif report.failed:
+            result.outcome = "failed" if report.when == "call" else "error"
+            failure = dict(props.get("failure") or {})
+            text = getattr(report, "longreprtext", "") or str(report.longrepr)
+            for key, value in parse_marker(text).items():
+                failure.setdefault(key, value)
+            failure.setdefault("message", text[-2000:])
+            result.failure = failure
+
+    def pytest_sessionfinish(self, session, exitstatus) -> None:
+        if self.out_dir is not None:
+            write(self.build(), self.out_dir)
+
+    def build(self) -> dict[str, Any]:
+        return build_report(
+            list(self.results.values()), {**self.meta, "duration_s": round(time.time() - self.started, 2)}
+        )
+
+
+def build_report(results: list[TestResult], meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report: summary, per-rule status, failures, skips, per-test results."""
+    defined = spec_rules()
+    rules: dict[str, dict[str, Any]] = {
+        r: {"file": f, "tests": [], "examples": 0, "status": "not run"} for r, f in defined.items()
+    }
+    # A rule failed if any of its tests failed, passed if one passed (a skipped GPU-only test does not
+    # undo the CPU tests of the same rule), skipped if all its tests were skipped.
+    rank = {"not run": 0, "skipped": 1, "passed": 2, "failed": 3}
+    for result in results:
+        for rule in result.rules:
+            entry = rules.setdefault(rule, {"file": None, "tests": [], "examples": 0, "status": "not run"})
+            entry["tests"].append(result.nodeid)
+            entry["examples"] += result.examples
+            status = "failed" if result.outcome == "error" else result.outcome
+            if rank[status] > rank[entry["status"]]:
+                entry["status"] = status
+    outcomes = collections.Counter(r.outcome for r in results)
+    failures = [
+        {"test": r.nodeid, "rules": r.rules, **(r.failure or {})}
+        for r in results
+        if r.outcome in ("failed", "error")
+    ]
+    skips = [
+        {"test": r.nodeid, "rules": r.rules, "reason": r.skip_reason}
+        for r in results
+        if r.outcome == "skipped"
+    ]
+    return {
+        "meta": meta,
+        "summary": {
+            "tests": len(results),
+            "passed": outcomes["passed"],
+            "failed": outcomes["failed"],
+            "errors": outcomes["error"],
+            "skipped": outcomes["skipped"],
+            "examples": sum(r.examples for r in results),
+            "rules_defined": len(defined),
+            "rules_checked": sum(1 for e in rules.values() if e["status"] in ("passed", "failed")),
+            "rules_failed": sorted(r for r, e in rules.items() if e["status"] == "failed"),
+            "rules_broken": sorted(
+                {f["rule"] for f in failures if f.get("rule")}
+            ),  # named by the failed checks
+            "rules_not_run": sorted(r for r, e in rules.items() if e["status"] == "not run"),
+        },
+        "rules": rules,
+        "failures": failures,
+        "skips": skips,
+        "tests": [asdict(r) for r in results],
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    meta, summary = report["meta"], report["summary"]
+    lines = [
+        f"# Conformance report: `{meta.get('impl', '?')}`",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    for key in ("impl", "profile", "max_examples", "dtypes", "device", "duration_s", "command"):
+        if key in meta:
+            lines.append(f"| {key} | `{meta[key]}` |")
+    lines += [
+        "",
+        "## Summary",
+        "",
+        f"- tests: {summary['tests']} ({summary['passed']} passed, {summary['failed']} failed, "
+        f"{summary['errors']} errors, {summary['skipped']} skipped); examples run: {summary['examples']}",
+        f"- rules: {summary['rules_checked']} of {summary['rules_defined']} checked; "
+        f"tests failed for: {', '.join(summary['rules_failed']) or 'none'}; "
+        f"broken (named by the failing checks): {', '.join(summary['rules_broken']) or 'none'}; "
+        f"not run: {', '.join(summary['rules_not_run']) or 'none'}",
+        "",
+        "## Failures",
+        "",
+    ]
+    if not report["failures"]:
+        lines.append("None.")
+    for failure in report["failures"]:
+        rule = failure.get("rule") or ", ".join(failure["rules"])
+        lines += [f"### `{rule}`: `{failure['test']}`", ""]
+        if failure.get("capability"):
+            lines.append(f"- missing capability: **{failure['capability']}**")
+        elif not failure.get("rule") and failure.get("type"):
+            lines.append(f"- raised `{failure['type']}` (a crash, not a failed check)")
+        if failure.get("observed") is not None or failure.get("allowed") is not None:
+            lines.append(f"- observed: `{failure.get('observed')}`; allowed: `{failure.get('allowed')}`")
+        lines.append(f"- test rules: {', '.join(f'`{r}`' for r in failure['rules'])}")
+        lines += ["", "```text", str(failure.get("message", "")).strip()[:3000], "```", ""]
+        if failure.get("reproducer"):
+            lines += ["Minimal reproducer:", "", "```python", failure["reproducer"], "```", ""]
+        if failure.get("falsifying_example"):
+            lines += [
+                "Hypothesis's falsifying example:",
+                "",
+                "```text",
+                failure["falsifying_example"][:3000],
+                "```",
+                "",
+            ]
+    lines += ["", "## Skips", ""]
+    if not report["skips"]:
+        lines.append("None.")
+    else:
+        lines += ["| test | rules | reason |", "|---|---|---|"]
+        lines += [f"| `{s['test']}` | {', '.join(s['rules'])} | {s['reason']} |" for s in report["skips"]]
+    lines += ["", "## Rules", "", "| rule | status | examples | tests |", "|---|---|---|---|"]
+    for rule, entry in sorted(report["rules"].items()):
+        tests = ", ".join(f"`{t.split('::')[-1]}`" for t in entry["tests"])
+        lines.append(f"| `{rule}` | {entry['status']} | {entry['examples']} | {tests} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict[str, Any], out_dir: Path | str) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "report.json", out / "report.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
