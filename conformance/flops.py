@@ -5,7 +5,7 @@ host's decoder layers records every call (its positional and keyword tensors, an
 implementation in force). Afterwards each recorded call is replayed, alone, inside a small module
 that takes its tensors positionally, and traced by fvcore (``torch.jit``): one trace per layer call,
 so the count is per layer by construction, and nothing outside the layer (probe, gathers, LM head)
-can leak into it. ``past_key_values`` is dropped and ``use_cache`` turned off for the replay: a
+can leak into it. The cache argument (``cache`` or ``past_key_values``) is dropped and ``use_cache`` turned off for the replay: a
 prefill call starts from an empty layer cache, so the attention sees the same keys either way.
 
 **Counter 1: fvcore** (``FlopCountAnalysis``; 1 multiply-add = 1 flop, doubled here). fvcore has
@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from rerouting.reference.compat import CACHE_NAMES
 
 ELEMENTWISE_ZERO = (
     "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div", "aten::neg",
@@ -195,8 +197,8 @@ class _Replay(nn.Module):
         super().__init__()
         self.layer = layer
         kwargs = dict(call.kwargs)
-        kwargs["past_key_values"] = None
-        kwargs.pop("past_key_value", None)
+        for name in (*CACHE_NAMES, "past_key_value"):  # whichever name the implementation used
+            kwargs.pop(name, None)
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         self.leaves: list[torch.Tensor] = []

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rerouting.reference import LlavaHost, RoutingConfig
+from rerouting.reference.compat import call_layer
 
 from .cache import RoutedCache
 from .routing import PrefillResult, attention_implementation, check_host, routed_prefill
@@ -35,13 +36,13 @@ def _decode(host: LlavaHost, implementation: str, cache: RoutedCache, tokens: to
     positions = cache.decode_positions(tokens.shape[1])  # [B, q]
     rotary = host.rotary_embeddings(h, positions)  # cos, sin: [B, q, hd]
     for index, layer in enumerate(host.layers):
-        h = layer(
+        h = call_layer(
+            layer,
             h,
             attention_mask=cache.decode_mask(index, tokens.shape[1], implementation, h.dtype),
             position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
             position_embeddings=rotary,
+            cache=cache,
         )  # [B, q, D]
     cache.advance(tokens.shape[1])
     return host.logits(h)  # [B, q, V]

@@ -25,6 +25,7 @@ from transformers import Cache
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from rerouting.reference import RoutingConfig, RoutingError, Trace
+from rerouting.reference.compat import forward_cache, make_output
 
 from .cache import RoutedCache
 from .decode import decode_step
@@ -101,7 +102,7 @@ class Router:
             )
         use_cache = arguments.get("use_cache")
         use_cache = self.model.config.get_text_config().use_cache if use_cache is None else use_cache
-        cache = arguments.get("past_key_values")
+        cache = forward_cache(arguments)  # `cache` from transformers 5.24 on, `past_key_values` before
         if isinstance(cache, RoutedCache) and cache.get_seq_length() > 0:
             logits = self._decode(arguments, cache)
         elif isinstance(cache, Cache) and cache.get_seq_length() > 0:
@@ -112,7 +113,7 @@ class Router:
         else:
             self.last_result = self._prefill(arguments, use_cache)
             logits, cache = self.last_result.logits, self.last_result.cache
-        output = LlavaCausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache else None)
+        output = make_output(LlavaCausalLMOutputWithPast, cache if use_cache else None, logits=logits)
         return output.to_tuple() if arguments.get("return_dict") is False else output
 
     def _prefill(self, arguments: dict[str, Any], use_cache: bool) -> PrefillResult:

@@ -31,6 +31,7 @@ from rerouting.reference import (
     candidate_pool,
     capped_k,
 )
+from rerouting.reference.compat import call_layer
 from rerouting.reference.scoring import query_rows, random_scores
 
 from .cache import RoutedCache
@@ -241,13 +242,13 @@ class _Prefill:
         """[routing.active-set] [routing.bypass] The host's own layer on the compact batch; the buffer is not touched."""
         if self.cache is not None:
             self.cache.record(index, self.packing)
-        self.x = layer(
+        self.x = call_layer(
+            layer,
             self.x,
             attention_mask=self.mask,
             position_ids=self.packing.index,
-            past_key_values=self.cache,
-            use_cache=self.cache is not None,
             position_embeddings=self.rotary,
+            cache=self.cache,
         )  # [B, n, D]
         self.synced = False
 

@@ -3,6 +3,7 @@
 Every function implementing a spec rule names the rule ID in the first line of its docstring.
 """
 
+from . import compat  # first: refuses an unsupported transformers before anything else touches it
 from .decode import decode_step, greedy_generate
 from .host import LlavaHost, SampleLayout
 from .routing import PrefillResult, Reference, SampleCache, run_block
@@ -27,6 +28,7 @@ __all__ = [
     "Trace",
     "candidate_pool",
     "capped_k",
+    "compat",
     "decode_step",
     "greedy_generate",
     "preset",

@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from .compat import call_layer
 from .host import attention_implementation
 from .routing import PrefillResult, Reference
 
@@ -33,13 +34,13 @@ def decode_step(reference: Reference, result: PrefillResult, tokens: torch.Tenso
             for index, layer in enumerate(host.layers):
                 n = sample_cache.cache.layers[index].keys.shape[-2]  # this layer's own length
                 mask = torch.zeros(1, 1, 1, n + 1, dtype=h.dtype)  # the new token sees its whole layer cache
-                h = layer(
+                h = call_layer(
+                    layer,
                     h,
                     attention_mask=mask,
                     position_ids=position,
-                    past_key_values=sample_cache.cache,
-                    use_cache=True,
                     position_embeddings=(cos, sin),
+                    cache=sample_cache.cache,
                 )
             out.append(host.logits(h)[0, -1])
     return torch.stack(out)  # [B, V]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .compat import call_layer
 from .host import LlavaHost, SampleLayout, attention_implementation, causal_mask
 from .schedule import RoutingConfig, RoutingError
 from .scoring import attention_scores, query_rows, random_scores
@@ -78,13 +79,13 @@ def run_block(
     x = hidden[idx][None]  # [1, n, D]
     positions = idx[None]  # [1, n]: the position of a valid token is its index
     cos, sin = host.rotary_embeddings(x, positions)
-    out = layer(
+    out = call_layer(
+        layer,
         x,
         attention_mask=causal_mask(idx, idx, x.dtype),
         position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
         position_embeddings=(cos, sin),
+        cache=cache,
     )
     result = hidden.clone()
     result[idx] = out[0]

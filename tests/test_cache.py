@@ -9,6 +9,7 @@ import torch
 
 from rerouting.conformance.tolerance import assert_close
 from rerouting.reference import Reference, RoutingConfig, Schedule, decode_step, greedy_generate
+from rerouting.reference.compat import output_cache
 
 MULTI = Schedule((1, 3, 4), (0.5, 0.5, 0.25))
 
@@ -37,8 +38,8 @@ def test_dense_prefix_cache_equals_the_models_cache(llava, single):
     for layer in (0, 1):
         for i in (0, 1):
             ours = result.caches[0].layer_kv(layer)[i]
-            truth = (hf64.past_key_values.layers[layer].keys, hf64.past_key_values.layers[layer].values)[i][0]
-            yard = (hf32.past_key_values.layers[layer].keys, hf32.past_key_values.layers[layer].values)[i][0]
+            truth = (output_cache(hf64).layers[layer].keys, output_cache(hf64).layers[layer].values)[i][0]
+            yard = (output_cache(hf32).layers[layer].keys, output_cache(hf32).layers[layer].values)[i][0]
             assert_close("dense-prefix kv", ours, truth, yard, torch.float32, rule="cache.contents")
 
 

@@ -32,6 +32,7 @@ from rerouting.conformance.test_routing import (
 )
 from rerouting.conformance.test_selection import check_tiebreak, check_topk
 from rerouting.reference import RoutingConfig, Schedule, Trace
+from rerouting.reference.compat import call_layer
 from rerouting.reference.host import causal_mask as true_causal_mask
 
 
@@ -114,13 +115,13 @@ class RenumberedPositions(Patched):
             x = hidden[idx][None]
             positions = torch.arange(len(active))[None]  # the bug: gaps closed
             cos, sin = host.rotary_embeddings(x, positions)
-            out = layer(
+            out = call_layer(
+                layer,
                 x,
                 attention_mask=true_causal_mask(idx, idx, x.dtype),
                 position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
                 position_embeddings=(cos, sin),
+                cache=cache,
             )
             result = hidden.clone()
             result[idx] = out[0]

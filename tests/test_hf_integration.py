@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rerouting.optimized import RoutedCache, greedy_generate, route, routed_prefill
 from rerouting.reference import RoutingConfig, RoutingError, Schedule
+from rerouting.reference.compat import output_cache
 from rerouting.tiny import SampleSpec, make_batch
 
 MULTI = Schedule((1, 3, 4), (0.5, 0.5, 0.25))
@@ -72,7 +73,7 @@ def test_forward_under_route_is_routed_and_model_restored(llava, batch):
         out = model(**batch)
     functional = routed_prefill(model, config, **batch)
     assert torch.equal(out.logits, functional.logits)
-    assert isinstance(out.past_key_values, RoutedCache)
+    assert isinstance(output_cache(out), RoutedCache)
     assert router.last_trace.to_dict() == functional.trace.to_dict()
     assert not torch.equal(out.logits, logits_before)  # it really was routed
     assert_unchanged(model, before, batch, logits_before)

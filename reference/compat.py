@@ -1,0 +1,125 @@
+"""The one adapter between rerouting and the installed ``transformers``.
+
+transformers 5.24 renamed the cache argument of every decoder layer and model ``forward`` from
+``past_key_values`` to ``cache`` (the old name is deprecated, "removed in 5.40.0"), and the cache field of
+the output classes with it. Every call rerouting makes into a host's layers, and every output it builds,
+goes through this module, which finds the names by feature detection (signatures and dataclass fields),
+never by parsing version strings. The version is compared only to refuse a release outside the range
+the project tests ([routing.errors]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import inspect
+from typing import Any
+
+import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from torch import nn
+
+from .schedule import RoutingError
+
+#: The transformers releases rerouting supports; CI tests the floor and the newest release in it.
+SUPPORTED_TRANSFORMERS = SpecifierSet(">=5.4,<6")
+
+#: Names a cache argument has had, newest first.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def check_transformers(version: str | None = None) -> None:
+    """[routing.errors] Refuse a transformers outside ``SUPPORTED_TRANSFORMERS`` or with an unknown cache protocol.
+
+    ``version`` defaults to the installed distribution's (a parameter so that tests can check the refusal).
+    """
+    installed = importlib.metadata.version("transformers") if version is None else version
+    if not SUPPORTED_TRANSFORMERS.contains(Version(installed), prereleases=True):
+        raise RoutingError(
+            "routing.errors",
+            f"transformers {installed} is installed; rerouting supports transformers{SUPPORTED_TRANSFORMERS} "
+            f"(pip install 'transformers{SUPPORTED_TRANSFORMERS}')",
+        )
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    layer_cache_argument(LlamaDecoderLayer)  # raises if neither name is an argument
+
+
+def _parameters(function: Any) -> set[str]:
+    return set(inspect.signature(function).parameters)  # follows functools.wraps (deprecate_kwarg)
+
+
+@functools.cache
+def layer_cache_argument(layer_class: type) -> str:
+    """[routing.errors] The name under which ``layer_class.forward`` takes its cache (``cache`` or ``past_key_values``)."""
+    parameters = _parameters(layer_class.forward)
+    for name in CACHE_NAMES:
+        if name in parameters:
+            return name
+    raise RoutingError(
+        "routing.errors",
+        f"{layer_class.__name__}.forward takes none of {list(CACHE_NAMES)} (transformers "
+        f"{transformers.__version__}): its cache protocol is not one rerouting recognises; supported: "
+        f"transformers{SUPPORTED_TRANSFORMERS}",
+    )
+
+
+def call_layer(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    cache: Any | None,
+) -> torch.Tensor:
+    """Run a host decoder layer on ``hidden`` ``[B, n, D]``, storing its K/V in ``cache`` when one is given."""
+    return layer(
+        hidden,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=cache is not None,
+        position_embeddings=position_embeddings,
+        **{layer_cache_argument(type(layer)): cache},
+    )
+
+
+def forward_cache(arguments: dict[str, Any]) -> Any | None:
+    """[routing.errors] Pop the cache from a model forward's bound arguments, under either name.
+
+    ``generate`` hands it over as ``cache`` from 5.24 on and as ``past_key_values`` before; a user may pass
+    the old name to a new release. Both at once is an error, as it is in transformers.
+    """
+    given = {name: arguments.pop(name) for name in CACHE_NAMES if arguments.get(name) is not None}
+    if len(given) > 1:
+        raise RoutingError("routing.errors", f"both {sorted(given)} were given; pass the cache once")
+    return next(iter(given.values()), None)
+
+
+def output_cache_field(output_class: type) -> str:
+    """The cache field of a transformers output dataclass (``cache`` from 5.24 on, ``past_key_values`` before)."""
+    fields = {field.name for field in dataclasses.fields(output_class)}
+    for name in CACHE_NAMES:
+        if name in fields:
+            return name
+    raise RoutingError(
+        "routing.errors",
+        f"{output_class.__name__} has none of the fields {list(CACHE_NAMES)} (transformers "
+        f"{transformers.__version__}); supported: transformers{SUPPORTED_TRANSFORMERS}",
+    )
+
+
+def make_output(output_class: type, cache: Any | None, **fields: Any) -> Any:
+    """An instance of ``output_class`` with ``fields`` and ``cache`` under the field name this release uses."""
+    return output_class(**fields, **{output_cache_field(output_class): cache})
+
+
+def output_cache(output: Any) -> Any | None:
+    """The cache a transformers model output carries, read without the deprecated alias."""
+    return getattr(output, output_cache_field(type(output)))
+
+
+check_transformers()  # at import of rerouting.reference, before any other module of it touches transformers
