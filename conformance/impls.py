@@ -78,8 +78,10 @@ class ReferenceImpl:
         pixel_values: torch.Tensor | None,
         *,
         forced_selection: ForcedSelection | None = None,
+        **yardstick: Any,
     ) -> PrefillOutput:
-        reference = Reference(self._cpu(model), config)
+        """``yardstick``: ``Reference``'s yardstick switches (compute_dtype, score_dtype, attention), for the oracle."""
+        reference = Reference(self._cpu(model), config, **yardstick)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         result = reference.prefill(
             cpu(input_ids), cpu(attention_mask), cpu(pixel_values), forced_selection=forced_selection

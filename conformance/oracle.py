@@ -55,6 +55,7 @@ import torch
 
 from rerouting.reference import LlavaHost, RoutingConfig, candidate_pool, capped_k, select_topk
 from rerouting.reference.host import attention_implementation
+from rerouting.reference.routing import KERNELS
 
 from . import report
 from .impls import Checked, ReferenceImpl
@@ -70,65 +71,17 @@ _REFERENCE = ReferenceImpl()
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_config(config: RoutingConfig, dtype: torch.dtype) -> RoutingConfig:
-    """``config`` computing in ``dtype``; float16/bfloat16 bypass the reference's fp32/fp64 validation.
+def yardstick_modes(dtype: torch.dtype, kernel: str = "eager") -> dict:
+    """The reference's switches for a run in ``dtype`` under ``kernel`` (see ``Reference``'s yardstick modes).
 
-    A low-precision reference is only ever a yardstick (flash-attention's ``upcast=False``): the same
-    obvious code, rounding at every step like a plain implementation in that dtype would.
+    float64 and float32 are the reference's own computation; a low dtype is only ever a yardstick
+    (flash-attention's ``upcast=False``): the same obvious code rounding at every step like a plain
+    implementation in that dtype would, still scoring in float32 (the spec's probe logits are fp32), or
+    its score error would be bf16 rounding of the score itself. ``kernel`` "sdpa" is the second plain
+    implementation (``reorder_ops``): the reference's explicit masks under another rounding order, so an
+    implementation on SDPA is held to SDPA's own rounding, not only eager's.
     """
-    if dtype in (torch.float32, torch.float64):
-        return dataclasses.replace(config, compute_dtype=dtype)
-    lowp = dataclasses.replace(config, compute_dtype=torch.float32)
-    object.__setattr__(lowp, "compute_dtype", dtype)
-    return lowp
-
-
-@contextlib.contextmanager
-def _fp32_scores() -> Iterator[None]:
-    """Scores in float32 while the reference's activations run in a low dtype (spec: the probe's logits are fp32).
-
-    The reference ties its score dtype to ``compute_dtype`` (fp32 or fp64, its only supported values); a
-    low-precision yardstick must still score in fp32, or its score error would be bf16 rounding of the
-    score itself rather than what a conforming plain implementation errs by.
-    """
-    from rerouting.reference import routing
-
-    original = routing.attention_scores
-
-    def attention_scores(host, layer, hidden, keys, queries, visual, score_dtype):
-        return original(host, layer, hidden, keys, queries, visual, torch.float32)
-
-    routing.attention_scores = attention_scores
-    try:
-        yield
-    finally:
-        routing.attention_scores = original
-
-
-KERNELS = ("eager", "sdpa")  # the host's two attention kernels: each gives a yardstick
-
-
-@contextlib.contextmanager
-def reference_kernel(name: str) -> Iterator[None]:
-    """Run the reference's decoder layers under attention kernel ``name`` instead of its default, eager.
-
-    The reference's masks are explicit additive masks, which SDPA accepts, so the computation is the
-    same with another rounding order: a second plain implementation, like flash-attention's
-    ``reorder_ops`` reference. An implementation on SDPA is held to SDPA's own rounding, not only eager's.
-    """
-    from rerouting.reference import decode, routing
-    from rerouting.reference.host import attention_implementation
-
-    saved = routing.attention_implementation, decode.attention_implementation
-
-    def forced(model, _default):
-        return attention_implementation(model, name)
-
-    routing.attention_implementation = decode.attention_implementation = forced
-    try:
-        yield
-    finally:
-        routing.attention_implementation, decode.attention_implementation = saved
+    return {"compute_dtype": dtype, "attention": kernel}
 
 
 def reference_prefill(
@@ -139,19 +92,15 @@ def reference_prefill(
     forced: Sequence | None,
     kernel: str = "eager",
 ) -> PrefillOutput:
-    lowp = dtype not in (torch.float32, torch.float64)
-    with (
-        _fp32_scores() if lowp else contextlib.nullcontext(),
-        reference_kernel(kernel) if kernel != "eager" else contextlib.nullcontext(),
-    ):
-        return _REFERENCE.prefill(
-            model,
-            reference_config(config, dtype),
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            inputs["pixel_values"],
-            forced_selection=forced,
-        )
+    return _REFERENCE.prefill(
+        model,
+        config,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        forced_selection=forced,
+        **yardstick_modes(dtype, kernel),
+    )
 
 
 def host_forward(model, inputs: dict, kernel: str = "eager") -> torch.Tensor:
@@ -821,11 +770,10 @@ def incremental_yardstick(
     """
     dtype = case.torch_dtype
     out = reference_prefill(case.model_lp(), case.config, case.inputs(), dtype, selections, kernel)
-    config = reference_config(case.config, dtype)
-    with reference_kernel(kernel) if kernel != "eager" else contextlib.nullcontext():
-        steps = [
-            _REFERENCE.decode_step(case.model_lp(), config, out, tokens[t], t) for t in range(tokens.shape[0])
-        ]
+    steps = [  # the Reference in out.state carries the yardstick modes of the prefill
+        _REFERENCE.decode_step(case.model_lp(), case.config, out, tokens[t], t)
+        for t in range(tokens.shape[0])
+    ]
     return [step.logits for step in steps], steps[-1].kv
 
 

@@ -26,7 +26,7 @@ def decode_step(reference: Reference, result: PrefillResult, tokens: torch.Tenso
     """
     host = reference.host
     out = []
-    with torch.no_grad(), attention_implementation(reference.model, "eager"):
+    with torch.no_grad(), attention_implementation(reference.model, reference.attention):
         for b, sample_cache in enumerate(result.caches):
             h = host.model.model.get_input_embeddings()(tokens[b].view(1, 1))  # [1, 1, D]
             position = torch.tensor([[sample_cache.length + step]])  # [1, 1]

@@ -92,21 +92,63 @@ def run_block(
     return result
 
 
+KERNELS = ("eager", "sdpa")  # the host attention kernels the reference can run its layers under
+
+
 class Reference:
     """The executable spec for one model and one routing configuration.
 
-    Computes in ``config.compute_dtype`` (float32 or float64) with eager attention; when the model is in
-    another dtype a converted deep copy is used, so the caller's model is never modified.
+    Computes in ``config.compute_dtype`` (float32 or float64) with eager attention, scores in the same
+    dtype; when the model is in another dtype a converted deep copy is used, so the caller's model is never
+    modified.
+
+    **Yardstick modes** (flash-attention's ``upcast=False`` / ``reorder_ops`` idea): the keyword switches
+    run the same obvious code with another rounding, so that a conformance oracle can measure the error a
+    plain implementation in that arithmetic makes. They are not the spec's computation; ``yardstick`` says
+    whether one is on.
+
+    Args:
+        compute_dtype: activations and weights; any floating dtype (bfloat16, float16 only as a yardstick).
+            Default: ``config.compute_dtype``.
+        score_dtype: the probe's logits and softmax, float32 or float64 ([scoring.probe.softmax]).
+            Default: float32 below float32, else ``compute_dtype``.
+        attention: the host kernel the decoder layers run under, ``"eager"`` (default) or ``"sdpa"``;
+            the masks are explicit either way, so only the rounding order differs.
     """
 
-    def __init__(self, model: nn.Module, config: RoutingConfig):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: RoutingConfig,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        score_dtype: torch.dtype | None = None,
+        attention: str = "eager",
+    ):
+        compute_dtype = config.compute_dtype if compute_dtype is None else compute_dtype
+        if not compute_dtype.is_floating_point:
+            raise RoutingError("routing.errors", f"compute_dtype {compute_dtype} is not a floating dtype")
+        if score_dtype is None:
+            score_dtype = compute_dtype if compute_dtype in (torch.float32, torch.float64) else torch.float32
+        if score_dtype not in (torch.float32, torch.float64):
+            raise RoutingError(
+                "scoring.probe.softmax", f"score_dtype {score_dtype} is not float32 or float64"
+            )
+        if attention not in KERNELS:
+            raise RoutingError("routing.errors", f"attention {attention!r} is not one of {list(KERNELS)}")
         self.host = LlavaHost(model)
-        if self.host.dtype != config.compute_dtype:
-            model = copy.deepcopy(model).to(config.compute_dtype)
+        if self.host.dtype != compute_dtype:
+            model = copy.deepcopy(model).to(compute_dtype)
             self.host = LlavaHost(model)
         config.schedule.check_layers(self.host.num_layers)
         self.model = model
         self.config = config
+        self.compute_dtype, self.score_dtype, self.attention = compute_dtype, score_dtype, attention
+        self.yardstick = (compute_dtype, score_dtype, attention) != (
+            config.compute_dtype,
+            config.compute_dtype,
+            "eager",
+        )
 
     def prefill(
         self,
@@ -117,10 +159,10 @@ class Reference:
         forced_selection: ForcedSelection | None = None,
     ) -> PrefillResult:
         """Routed prefill of a batch, one sample at a time ([layout.batch-independence])."""
-        host, dtype = self.host, self.config.compute_dtype
+        host, dtype = self.host, self.compute_dtype
         if pixel_values is not None:
             pixel_values = pixel_values.to(dtype)
-        with torch.no_grad(), attention_implementation(self.model, "eager"):
+        with torch.no_grad(), attention_implementation(self.model, self.attention):
             embeds = host.embed(input_ids, pixel_values)  # [B, T, D]
             layouts = host.layouts(input_ids, attention_mask)
             B, T = input_ids.shape
@@ -197,11 +239,11 @@ class Reference:
         elif config.scorer.probe_layer == "previous":  # [scoring.probe.variant-layer]
             layer = self.host.layers[layer_index - 1]
             scores = attention_scores(
-                self.host, layer, previous_input, keys, queries, visual, config.compute_dtype
+                self.host, layer, previous_input, keys, queries, visual, self.score_dtype
             )
         else:
             layer = self.host.layers[layer_index]
-            scores = attention_scores(self.host, layer, hidden, keys, queries, visual, config.compute_dtype)
+            scores = attention_scores(self.host, layer, hidden, keys, queries, visual, self.score_dtype)
         if forced is None:
             chosen = select_topk(scores, pool, k)
         else:

@@ -206,3 +206,28 @@ def test_text_tokens_are_always_active_and_never_scored(llava, mixed_batch):
             assert set(text) <= set(cache.positions[layer].tolist())
         for decision in sample.decisions:
             assert decision.scores.shape == (sample.num_visual,) and decision.k == 1
+
+
+@pytest.mark.spec("scoring.probe.softmax", "routing.errors")
+def test_yardstick_switches_are_explicit_and_validated(llava, single):
+    """The reference's yardstick modes are arguments (the oracle patches nothing), marked, and checked."""
+    config = RoutingConfig(Schedule((1, 3), (0.5, 0.25)))
+    plain = Reference(llava, config)
+    assert not plain.yardstick and (plain.compute_dtype, plain.score_dtype) == (torch.float32, torch.float32)
+    lowp = Reference(llava, config, compute_dtype=torch.bfloat16, attention="sdpa")
+    assert lowp.yardstick and lowp.score_dtype == torch.float32 and lowp.attention == "sdpa"
+    assert next(llava.parameters()).dtype == torch.float32  # the caller's model is never converted
+    out, low = plain.prefill(**single), lowp.prefill(**single)
+    assert low.trace.samples[0].decisions[0].scores.dtype == torch.float32
+    assert low.logits.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    sdpa = Reference(llava, config, attention="sdpa").prefill(**single)
+    selections = lambda r: [[d.selected for d in s.decisions] for s in r.trace.samples]  # noqa: E731
+    assert selections(sdpa) == selections(out)
+    truth = Reference(llava, RoutingConfig(config.schedule, compute_dtype=torch.float64)).prefill(**single)
+    assert_close(
+        "sdpa yardstick logits", sdpa.logits, truth.logits, out.logits, torch.float32, rule="routing.errors"
+    )
+    with pytest.raises(RoutingError, match=r"score_dtype torch.bfloat16 .*scoring.probe.softmax"):
+        Reference(llava, config, score_dtype=torch.bfloat16)
+    with pytest.raises(RoutingError, match=r"attention 'flash' is not one of \['eager', 'sdpa'\]"):
+        Reference(llava, config, attention="flash")
