@@ -14,18 +14,11 @@ from typing import Any
 
 import torch
 
-from rerouting.reference.budget import (
-    ArchSpec,
-    avg_visual_tokens,
-    budget_from_trace,
-    kv_decode_growth,
-    kv_entry_bytes,
-    nominal_visual_counts,
-    schedule_trace,
-    solve_keep_ratios,
-    solve_scale,
-)
+from rerouting.reference.archs import ArchSpec
+from rerouting.reference.budget import budget_from_trace, nominal_visual_counts, schedule_trace
+from rerouting.reference.flops import avg_visual_tokens, kv_decode_growth, kv_entry_bytes
 from rerouting.reference.schedule import PRESETS, RoutingConfig, RoutingError, Schedule
+from rerouting.reference.solver import solve_keep_ratios, solve_scale
 
 from .audit import (
     CONVENTIONS,
@@ -452,13 +445,14 @@ def default_solves(arch: ArchSpec, num_visual: int, decimals: int) -> tuple[list
 def traced_run(kv_dtype: torch.dtype = torch.float32) -> dict:
     """[budget.active-counts] [budget.kv.entries] One real routed prefill per policy on a tiny random LLaVA.
 
-    Reference implementation (float32, eager attention) on ``rerouting.tiny``'s 6-layer LLaVA with a
-    4×4-patch image (16 visual tokens) between 5 and 3 text tokens, schedule ``TRACE_SCHEDULE``. Per
-    stage: the selected, re-admitted, deferred (reroute) or removed (remove) visual tokens. Also checks
-    that the model-free trace has the same counts and the real cache the trace's lengths.
+    Reference implementation (float32, eager attention) on ``rerouting.reference.tiny``'s 6-layer
+    LLaVA with a 4×4-patch image (16 visual tokens) between 5 and 3 text tokens, schedule
+    ``TRACE_SCHEDULE``. Per stage: the selected, re-admitted, deferred (reroute) or removed (remove)
+    visual tokens. Also checks that the model-free trace has the same counts and the real cache the
+    trace's lengths.
     """
     from rerouting.reference.routing import Reference
-    from rerouting.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
+    from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
 
     config = tiny_llava_config()
     model = tiny_llava(config, seed=TRACE_MODEL_SEED)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rerouting.reference.budget import ArchSpec, arch_names, load_arch
+from rerouting.reference.archs import ArchSpec, arch_names, load_arch
 from rerouting.reference.schedule import (
     POLICIES,
     PRESETS,

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from transformers import LlavaConfig
 
 from rerouting.reference import PRESETS, RoutingConfig, Schedule, Scorer
-from rerouting.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
+from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -22,14 +22,9 @@ from rerouting.conformance.oracle import check_structure, observe, run_check, ru
 from rerouting.conformance.protocol import check, fail
 from rerouting.conformance.strategies import draw_case, layouts
 from rerouting.reference import preset
-from rerouting.reference.budget import (
-    ArchSpec,
-    budget_from_trace,
-    kv_decode_growth,
-    layer_flops_true,
-    probe_flops,
-    schedule_trace,
-)
+from rerouting.reference.archs import ArchSpec
+from rerouting.reference.budget import budget_from_trace, schedule_trace
+from rerouting.reference.flops import kv_decode_growth, layer_flops_true, probe_flops
 
 BATCH_OF_ONE = layouts(max_batch=1)
 

@@ -22,10 +22,10 @@ through ``/proc/self/clear_refs``) above the resident set before the call, with 
 pinned so freed tensors go back to the system (``tracemalloc`` does not see torch's allocations).
 
 The FLOPs bound is the dense/routed ratio of decoder FLOPs from the trace's per-layer token counts
-(``rerouting.reference.budget``, [budget.flops.true]); the probes' FLOPs ([budget.flops.probe]) are counted
-apart, and ``reroute_over_remove_flops`` is the ratio the two policies' decoder + probe FLOPs predict: reroute
-re-probes every valid token at each of its decisions, remove probes once, so this ratio is the floor of what
-the timed ratio can reach.
+(``rerouting.reference.budget`` and ``rerouting.reference.flops``, [budget.flops.true]); the probes' FLOPs
+([budget.flops.probe]) are counted apart, and ``reroute_over_remove_flops`` is the ratio the two policies'
+decoder + probe FLOPs predict: reroute re-probes every valid token at each of its decisions, remove probes
+once, so this ratio is the floor of what the timed ratio can reach.
 
 On a shared machine, ``--threads 1 --clock cpu`` gives steady ratios (process CPU time of one thread is
 barely disturbed by other processes; both clocks are always recorded).
@@ -54,8 +54,10 @@ import transformers
 from transformers import LlavaForConditionalGeneration
 
 from rerouting.reference import Reference, RoutingConfig, Schedule, Trace
-from rerouting.reference.budget import ArchSpec, avg_visual_tokens, budget_from_trace, layer_flops_true
-from rerouting.tiny import SampleSpec, make_batch, tiny_llava_config
+from rerouting.reference.archs import ArchSpec
+from rerouting.reference.budget import budget_from_trace
+from rerouting.reference.flops import avg_visual_tokens, layer_flops_true
+from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava_config
 
 from .routing import routed_prefill
 
@@ -124,8 +126,9 @@ def schedules(shape: Shape, k: int) -> dict[str, RoutingConfig]:
 
 
 def flops(trace: Trace, arch: ArchSpec, config: RoutingConfig) -> dict[str, int]:
-    """Decoder FLOPs of the batch from the trace ([budget.flops.true], reference/budget.py): dense (every token
-    at every layer), routed (the trace's per-layer counts) and the probes apart ([budget.flops.probe])."""
+    """Decoder FLOPs of the batch from the trace ([budget.flops.true], reference/budget.py and
+    reference/flops.py): dense (every token at every layer), routed (the trace's per-layer counts) and the
+    probes apart ([budget.flops.probe])."""
     routed = budget_from_trace(trace, arch, config=config)
     dense = sum(sum(layer_flops_true(arch, s.seq_len).values()) * trace.num_layers for s in trace.samples)
     return {"dense": dense, "routed": routed.flops_true, "probe": routed.probe_flops}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rerouting.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
+from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,9 @@ import subprocess
 import pytest
 
 from rerouting.conformance import audit
-from rerouting.reference.budget import ArchSpec
+from rerouting.reference.archs import ArchSpec
 from rerouting.reference.schedule import PRESETS
-from rerouting.tiny import tiny_llava, tiny_llava_config
+from rerouting.reference.tiny import tiny_llava, tiny_llava_config
 
 T = 1e12
 KiB = 1024

@@ -22,27 +22,21 @@ from transformers import (
     Qwen2Model,
 )
 
-from rerouting.reference.budget import (
-    ARCH_DIR,
-    ArchSpec,
-    arch_names,
+from rerouting.reference.archs import ARCH_DIR, ArchSpec, arch_names, load_arch
+from rerouting.reference.budget import budget_from_trace, nominal_visual_counts, schedule_trace
+from rerouting.reference.flops import (
     avg_visual_tokens,
-    budget_from_trace,
     kv_decode_growth,
     kv_entry_bytes,
     layer_flops_fastv,
     layer_flops_nuwa,
     layer_flops_pdrop,
     layer_flops_true,
-    load_arch,
-    nominal_visual_counts,
     probe_flops,
-    schedule_trace,
-    solve_keep_ratios,
-    solve_scale,
 )
 from rerouting.reference.routing import Reference
 from rerouting.reference.schedule import PRESETS, RoutingConfig, RoutingError, Schedule, Scorer
+from rerouting.reference.solver import solve_keep_ratios, solve_scale
 
 N = 576  # LLaVA-1.5 visual tokens
 T = 1e12

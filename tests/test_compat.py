@@ -26,7 +26,7 @@ from rerouting.reference.compat import (
     forward_cache,
     layer_cache_argument,
 )
-from rerouting.tiny import SampleSpec, make_batch
+from rerouting.reference.tiny import SampleSpec, make_batch
 
 MULTI = Schedule((1, 3, 4), (0.5, 0.5, 0.25))
 PACKAGES = [

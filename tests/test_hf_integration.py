@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rerouting.optimized import RoutedCache, greedy_generate, route, routed_prefill
 from rerouting.reference import RoutingConfig, RoutingError, Schedule
 from rerouting.reference.compat import output_cache
-from rerouting.tiny import SampleSpec, make_batch
+from rerouting.reference.tiny import SampleSpec, make_batch
 
 MULTI = Schedule((1, 3, 4), (0.5, 0.5, 0.25))
 SPECS = [SampleSpec((5, 3)), SampleSpec((2, 4, 6)), SampleSpec((9,)), SampleSpec((1, 1))]

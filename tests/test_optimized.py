@@ -24,7 +24,7 @@ from rerouting.reference import Reference, RoutingConfig, Schedule, Scorer
 from rerouting.reference import greedy_generate as reference_greedy
 from rerouting.reference import select_topk as reference_select_topk
 from rerouting.reference.scoring import attention_scores
-from rerouting.tiny import SampleSpec, make_batch
+from rerouting.reference.tiny import SampleSpec, make_batch
 
 MULTI = Schedule((1, 3, 4), (0.5, 0.5, 0.25))
 SPECS = [SampleSpec((5, 3)), SampleSpec((2, 4, 6)), SampleSpec((9,)), SampleSpec((1, 1))]  # 1, 2, 0, 1 images

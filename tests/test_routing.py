@@ -10,7 +10,7 @@ import torch
 import rerouting.reference.routing as reference_routing
 from rerouting.conformance.tolerance import assert_close
 from rerouting.reference import Reference, RoutingConfig, RoutingError, Schedule
-from rerouting.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
+from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
 
 MULTI = Schedule((1, 3, 4), (0.5, 0.5, 0.25))
 

@@ -9,7 +9,7 @@ import torch
 
 from rerouting.conformance.tolerance import assert_close
 from rerouting.reference import Reference, RoutingConfig, RoutingError, Schedule, Scorer
-from rerouting.tiny import SampleSpec, make_batch
+from rerouting.reference.tiny import SampleSpec, make_batch
 
 
 def hf_attention(model, batch, dtype):

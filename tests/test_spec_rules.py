@@ -58,7 +58,7 @@ def test_every_rule_has_a_test():
 
 def test_reference_docstrings_cite_existing_rules():
     rules = spec_rules()
-    for path in sorted((ROOT / "reference").glob("*.py")):
+    for path in sorted((ROOT / "reference").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
                 first = ast.get_docstring(node).splitlines()[0]
