@@ -2,7 +2,11 @@
 
 The spec ships as the package ``rerouting.spec`` (Markdown files); a rule is defined where its ID
 opens a paragraph in bold brackets, ``**[selection.tiebreak]**``. Conformance tests name the rules
-they check with ``@pytest.mark.spec("selection.tiebreak", ...)``.
+they check with ``@pytest.mark.spec("selection.tiebreak", ...)``; code cites a rule in brackets on
+its docstring's first line (``[selection.tiebreak] The k highest ...``).
+
+This module is the project's only parser of spec rule IDs: the report, the suite's meta-tests, the
+unit meta-tests (``tests/test_spec_rules.py``) and the traceability index (``coverage.py``) use it.
 """
 
 from __future__ import annotations
@@ -13,23 +17,73 @@ import importlib.resources
 import inspect
 import pkgutil
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-RULE = re.compile(r"\*\*\[([a-z0-9][a-z0-9.\-]*)\]\*\*")
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
+    from importlib.resources.abc import Traversable
+
+# spec/README.md, "ID format": lower case, dot-separated segments of letters, digits and hyphens, two or more.
+RULE_ID = r"[a-z][a-z0-9-]*(?:\.[a-z0-9-]+)+"
+RULE = re.compile(rf"\*\*\[({RULE_ID})\]\*\*")  # a definition: **[selection.tiebreak]**
+CITATION = re.compile(rf"\[({RULE_ID})\]")  # a citation: [selection.tiebreak]
 SUITE_PACKAGE = "rerouting.conformance"
 EXEMPT_MODULES = ("test_meta",)  # tests of the suite itself, not of a rule
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One definition of a rule: its ID, the spec file (``selection.md``) and the 1-based line."""
+
+    id: str
+    file: str
+    line: int
+
+
+def parse_spec(text: str, file: str) -> list[Rule]:
+    """The rule definitions in one spec file's text, in order."""
+    return [
+        Rule(match.group(1), file, number)
+        for number, line in enumerate(text.splitlines(), start=1)
+        for match in RULE.finditer(line)
+    ]
+
+
+def spec_definitions(folder: Traversable | None = None) -> tuple[Rule, ...]:
+    """Every rule definition in ``folder/*.md`` (default: the package ``rerouting.spec``), in spec order:
+    files by name, rules as they appear. A rule defined twice appears twice (a meta-test forbids it)."""
+    if folder is None:
+        return _packaged_definitions()
+    return _definitions(folder)
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_definitions() -> tuple[Rule, ...]:
+    return _definitions(importlib.resources.files("rerouting.spec"))
+
+
+def _definitions(folder: Traversable) -> tuple[Rule, ...]:
+    rules: list[Rule] = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".md"):
+            rules.extend(parse_spec(entry.read_text(encoding="utf-8"), entry.name))
+    return tuple(rules)
 
 
 @functools.lru_cache(maxsize=1)
 def spec_rules() -> dict[str, str]:
     """Every rule ID defined in ``spec/*.md`` -> the file defining it (``importlib.resources``)."""
     rules: dict[str, str] = {}
-    root = importlib.resources.files("rerouting.spec")
-    for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if not entry.name.endswith(".md"):
-            continue
-        for rule in RULE.findall(entry.read_text(encoding="utf-8")):
-            rules.setdefault(rule, entry.name)
+    for rule in spec_definitions():
+        rules.setdefault(rule.id, rule.file)
     return rules
+
+
+def cited_rules(docstring: str | None) -> tuple[str, ...]:
+    """The rule IDs a docstring cites in brackets on its first line (``"[a.b] [c.d] Does ..."``)."""
+    if not docstring:
+        return ()
+    return tuple(CITATION.findall(docstring.strip().splitlines()[0]))
 
 
 def rules_of(fn) -> tuple[str, ...]:
