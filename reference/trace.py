@@ -127,3 +127,32 @@ class Trace:
                 for s in self.samples
             ],
         }
+
+    def summary(self) -> str:
+        """A readable per-sample, per-stage table: pool, k, selected, deferred (removed) and re-admitted counts.
+
+        Under ``remove`` the tokens not selected are gone for good, so that column says "removed" and nothing
+        is ever re-admitted ([routing.readmit]).
+        """
+        left = "removed" if self.policy == "remove" else "deferred"
+        lines = [f"Trace: policy {self.policy}, {self.num_layers} layers, {len(self.samples)} sample(s)"]
+        for b, sample in enumerate(self.samples):
+            head = f"sample {b}: {sample.num_visual} visual + {sample.num_text} text tokens"
+            if not sample.routed:
+                lines.append(f"{head}; not routed (text only)")
+                continue
+            counts = " ".join(map(str, sample.layer_visual_counts))
+            lines += [f"{head}; visual tokens per layer: {counts}"]
+            lines.append(
+                f"  {'stage':>5} {'layer':>5} {'pool':>5} {'k':>5} {'selected':>8} {left:>8} {'re-admitted':>11}"
+            )
+            for d in sample.decisions:
+                readmitted = len(sample.readmitted(d.stage))
+                lines.append(
+                    f"  {d.stage:>5} {d.layer:>5} {len(d.pool):>5} {d.k:>5} {len(d.selected):>8} "
+                    f"{sample.num_visual - len(d.selected):>8} {readmitted:>11}"
+                )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

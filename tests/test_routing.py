@@ -231,3 +231,29 @@ def test_yardstick_switches_are_explicit_and_validated(llava, single):
         Reference(llava, config, score_dtype=torch.bfloat16)
     with pytest.raises(RoutingError, match=r"attention 'flash' is not one of \['eager', 'sdpa'\]"):
         Reference(llava, config, attention="flash")
+
+
+@pytest.mark.spec("routing.readmit", "layout.text-only")
+@pytest.mark.parametrize("policy", ["reroute", "remove"])
+def test_trace_summary_reads_the_stages(llava, llava_config, policy):
+    from rerouting.reference.tiny import SampleSpec, make_batch
+
+    batch = make_batch(llava_config, [SampleSpec((5, 3)), SampleSpec((9,))], padding="left", seed=1)
+    config = RoutingConfig(Schedule((1, 3, 4), (0.5, 0.5, 0.25)), policy=policy)
+    trace = Reference(llava, config).prefill(**batch).trace
+    text = str(trace)
+    assert text == trace.summary() and text.startswith(f"Trace: policy {policy}, 6 layers, 2 sample(s)")
+    rows = [line.split() for line in text.splitlines() if line.startswith("  ") and line.split()[0].isdigit()]
+    sample = trace.samples[0]
+    for row, decision in zip(rows, sample.decisions, strict=True):
+        stage, layer, pool, k, selected, left, readmitted = map(int, row)
+        assert (stage, layer, pool, k, selected) == (
+            decision.stage,
+            decision.layer,
+            len(decision.pool),
+            decision.k,
+            len(decision.selected),
+        )
+        assert left == sample.num_visual - selected and readmitted == len(sample.readmitted(stage))
+    assert ("removed" in text) == (policy == "remove")
+    assert "sample 1: 0 visual + 9 text tokens; not routed (text only)" in text
