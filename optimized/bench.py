@@ -36,15 +36,10 @@ Notation: B batch, T prompt length, N visual tokens per sample, k kept visual to
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import json
 import os
 import platform
-import re
-import statistics
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +54,9 @@ from rerouting.reference.budget import budget_from_trace
 from rerouting.reference.flops import avg_visual_tokens, layer_flops_true
 from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava_config
 
+from .bench_decode import decode_row, decode_table
+from .bench_report import row_line, table
+from .bench_timing import _pin_mmap_threshold, peak_memory, timed
 from .routing import routed_prefill
 
 TARGETS = {
@@ -134,84 +132,14 @@ def flops(trace: Trace, arch: ArchSpec, config: RoutingConfig) -> dict[str, int]
     return {"dense": dense, "routed": routed.flops_true, "probe": routed.probe_flops}
 
 
-# --- measurement -----------------------------------------------------------------------------------
-
-
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(
-    fns: dict[str, Callable[[], object]], device: str, repeats: int, warmup: int, clock: str = "wall"
-) -> dict[str, dict]:
-    """Median time of each function over ``repeats`` runs after ``warmup`` runs, wall and CPU clocks.
-
-    The functions run round-robin (the order rotating every round), so a slow phase of a shared machine
-    hits every method alike and the ratios stay paired. ``median_s`` is the ``clock`` chosen for the ratios:
-    ``wall`` (``perf_counter``) or ``cpu`` (``process_time``: the CPU time of this process, which other
-    processes on a shared machine barely disturb when torch runs one thread).
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            _synchronize(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fns[name]()
-            _synchronize(device)
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    out = {}
-    for name in names:
-        runs = {"wall": wall[name], "cpu": cpu[name]}
-        out[name] = {
-            "median_s": statistics.median(runs[clock]),
-            "min_s": min(runs[clock]),
-            "wall_median_s": statistics.median(wall[name]),
-            "cpu_median_s": statistics.median(cpu[name]),
-            "wall_runs_s": wall[name],
-            "cpu_runs_s": cpu[name],
-        }
-    return out
-
-
-def _proc_status(key: str) -> int:
-    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    return int(match.group(1)) * 1024
-
-
-def _pin_mmap_threshold() -> bool:
-    """Make glibc hand large freed blocks back at once, so the resident set follows live tensors."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def peak_memory(fn: Callable[[], object], device: str) -> int | None:
-    """Extra memory (bytes) of one call of ``fn``; None where it cannot be measured."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-        before = _proc_status("VmRSS")
-        fn()
-        return _proc_status("VmHWM") - before
-    except (OSError, AttributeError):
-        return None
-
-
 # --- the run ---------------------------------------------------------------------------------------
+
+
+def _batch(model, shape: Shape, batch_size: int, device: str, dtype: torch.dtype) -> dict:
+    batch = make_batch(model.config, [SampleSpec(shape.text_runs)] * batch_size, seed=batch_size)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
 
 
 def run(
@@ -224,6 +152,8 @@ def run(
     reference_repeats: int,
     warmup: int,
     clock: str = "wall",
+    decode_batches: tuple[int, ...] = (),
+    decode_steps: int = 32,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure every method at every tier and batch size; return the JSON-ready record."""
@@ -233,9 +163,7 @@ def run(
     arch = ArchSpec.from_model(model)
     rows = []
     for batch_size in batches:
-        batch = make_batch(model.config, [SampleSpec(shape.text_runs)] * batch_size, seed=batch_size)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        batch = _batch(model, shape, batch_size, device, dtype)
 
         def dense(batch=batch):
             with torch.no_grad():
@@ -288,7 +216,14 @@ def run(
                     "ratios": ratios,
                 }
             )
-            log(_row_line(rows[-1]))
+            log(row_line(rows[-1]))
+    timing = {"device": device, "repeats": repeats, "warmup": warmup, "clock": clock}
+    decode = []
+    for batch_size in decode_batches:
+        batch = _batch(model, shape, batch_size, device, dtype)
+        for k in shape.tiers:
+            decode.append(decode_row(model, schedules(shape, k)["reroute"], batch, decode_steps, timing))
+            log(decode_table(decode[-1:]).splitlines()[-1])
     record = {
         "device": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -314,6 +249,7 @@ def run(
         "warmup": warmup,
         "targets": TARGETS,
         "rows": rows,
+        "decode": decode,
     }
     record["verdict"] = verdict(rows)
     return record
@@ -347,57 +283,10 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _row_line(row: dict) -> str:
-    t, r = row["times"], row["ratios"]
-    ms = {name: f"{v['median_s'] * 1e3:.1f}" for name, v in t.items()}
-    line = (
-        f"B={row['batch']} k={row['k']} avg_T={row['avg_visual_tokens']:.1f} | dense {ms['dense']} ms, "
-        f"remove {ms['remove']} ms, reroute {ms['reroute']} ms | reroute/remove {r['reroute_over_remove']:.3f} "
-        f"(FLOPs {r['reroute_over_remove_flops']:.3f}) | dense/reroute {r['dense_over_reroute']:.2f}x, "
-        f"bound {r['flops_bound']:.2f}x, {r['speedup_over_bound']:.2f} of it"
-    )
-    if "reference_over_optimized" in r:
-        line += f" | reference {ms['reference']} ms vs {ms['reroute_full']} ms: {r['reference_over_optimized']:.2f}x"
-    return line
-
-
-def table(record: dict) -> str:
-    """A plain-text table of the record (medians in ms, peak memory in MiB)."""
-    head = (
-        f"{'B':>2} {'k':>4} {'avg_T':>6} {'dense':>8} {'remove':>8} {'reroute':>8} {'rr/rm':>6} {'flops':>6} "
-        f"{'speedup':>7} {'bound':>6} {'eff':>5} {'ref':>8} {'opt_full':>8} {'ref/opt':>7}  "
-        "peak MiB dense/remove/reroute[/opt_full/ref]"
-    )
-    lines = [
-        f"device: {record['device']}, dtype {record['dtype']}, {record['clock']} clock, repeats {record['repeats']} "
-        f"(reference {record['reference_repeats']}), shape {record['shape']}",
-        head,
-    ]
-    for row in record["rows"]:
-        t, r, m = row["times"], row["ratios"], row["peak_memory_bytes"]
-
-        def ms(name, t=t):
-            return f"{t[name]['median_s'] * 1e3:8.1f}" if name in t else f"{'-':>8}"
-
-        names = ["dense", "remove", "reroute", "reroute_full", "reference"]
-        mib = "/".join("-" if m.get(n) is None else f"{m[n] / 2**20:.0f}" for n in names if n in m)
-        ref = f"{r['reference_over_optimized']:7.2f}" if "reference_over_optimized" in r else f"{'-':>7}"
-        lines.append(
-            f"{row['batch']:>2} {row['k']:>4} {row['avg_visual_tokens']:6.1f} {ms('dense')} {ms('remove')} "
-            f"{ms('reroute')} {r['reroute_over_remove']:6.3f} {r['reroute_over_remove_flops']:6.3f} "
-            f"{r['dense_over_reroute']:7.2f} {r['flops_bound']:6.2f} {r['speedup_over_bound']:5.2f} "
-            f"{ms('reference')} {ms('reroute_full')} {ref}  {mib}"
-        )
-    lines.append(f"targets: {json.dumps(record['targets'])}")
-    lines.append(f"verdict: {json.dumps(record['verdict'])}")
-    return "\n".join(lines)
-
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``rerouting bench``: run the benchmark, print the table, write the JSON record."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rerouting bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
@@ -405,46 +294,97 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=None, help="timed runs per method (default 5; quick 2)"
     )
     parser.add_argument(
-        "--reference-repeats", type=int, default=None, help="timed runs of the reference (default 2)"
+        "--reference-repeats", type=int, default=None, help="timed runs of the reference (default 2; quick 1)"
     )
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (CPU default 1: threads of a shared machine contend and skew the ratios)",
+    )
     parser.add_argument(
         "--clock",
-        default="wall",
+        default=None,
         choices=("wall", "cpu"),
-        help="clock of the medians and ratios (both are recorded); cpu suits a shared machine with --threads 1",
+        help="clock of the medians and ratios, both are recorded (default: cpu on CPU, wall on CUDA)",
     )
-    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
-    parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test in seconds")
-    parser.add_argument("--out", default="rerouting-bench/bench.json")
+    parser.add_argument("--batches", default=None, help="prefill batch sizes (default 1,4; quick 1)")
+    parser.add_argument("--decode-batches", default="1,8", help="decode batch sizes ('' skips decode)")
+    parser.add_argument("--decode-steps", type=int, default=None, help="decoded tokens (default 32; quick 8)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small shapes and few runs: a smoke test in seconds"
+    )
+    parser.add_argument("--out", default="rerouting-bench", help="folder for bench.json and bench.txt")
     args = parser.parse_args(argv)
+    for name in ("repeats", "reference_repeats", "decode_steps", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} {value} is not a positive integer")
+    on_cpu = not args.device.startswith("cuda")
+    if on_cpu and args.threads is not None and args.threads > 1 and args.clock is None:
+        parser.error(
+            f"--threads {args.threads} on CPU needs an explicit --clock (cpu time then adds up threads)"
+        )
+    args.threads = args.threads if args.threads is not None else (1 if on_cpu else None)
+    args.clock = args.clock or ("cpu" if on_cpu else "wall")
+    quick = args.quick
+    args.repeats = args.repeats or (2 if quick else 5)
+    args.reference_repeats = args.reference_repeats or (1 if quick else 2)
+    args.decode_steps = args.decode_steps or (8 if quick else 32)
+    args.batches = _sizes(parser, "--batches", args.batches or ("1" if quick else "1,4"))
+    args.decode_batches = (
+        _sizes(parser, "--decode-batches", args.decode_batches) if args.decode_batches else ()
+    )
+    return args
+
+
+def _sizes(parser: argparse.ArgumentParser, option: str, text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        parser.error(f"{option} {text!r} is not a comma-separated list of integers")
+    if any(b < 1 for b in sizes):
+        parser.error(f"{option} {text!r}: batch sizes must be at least 1")
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rerouting bench``: run the benchmark, print the tables, write ``OUT/bench.json`` and ``OUT/bench.txt``."""
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    shape = QUICK if args.quick else FULL
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
-    reference_repeats = (
-        args.reference_repeats if args.reference_repeats is not None else (1 if args.quick else 2)
-    )
-    batches = tuple(int(b) for b in args.batches.split(","))
     record = run(
-        shape,
+        QUICK if args.quick else FULL,
         device=args.device,
         dtype=_DTYPES[args.dtype],
-        batches=batches,
-        repeats=repeats,
-        reference_repeats=reference_repeats,
+        batches=args.batches,
+        repeats=args.repeats,
+        reference_repeats=args.reference_repeats,
         warmup=args.warmup,
         clock=args.clock,
+        decode_batches=args.decode_batches,
+        decode_steps=args.decode_steps,
         log=lambda line: print(line, flush=True),
     )
-    print(table(record))
+    if args.quick:  # the targets are about the full shape; a smoke test's ratios say nothing about them
+        record["verdict"] = {
+            "judged": False,
+            "why": "--quick runs toy shapes: a smoke test, not a measurement",
+        }
+    text = table(record)
+    if record["decode"]:
+        text += "\n\ndecode (greedy, tokens/s; bound: dense / routed KV entries)\n" + decode_table(
+            record["decode"]
+        )
+    print(text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(record, indent=2))
+    (out / "bench.txt").write_text(text + "\n")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.txt'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

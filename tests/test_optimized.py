@@ -428,10 +428,19 @@ def test_quick_bench_writes_its_record(tmp_path):
     from rerouting.optimized import bench
 
     out = tmp_path / "bench.json"
-    assert (
-        bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--batches", "1,2", "--out", str(out)]) == 0
-    )
+    argv = ["--quick", "--repeats", "1", "--warmup", "0", "--batches", "1,2", "--decode-batches", "1,3"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0  # --out is a folder, like elsewhere
+    assert (tmp_path / "bench.txt").read_text().startswith("device: cpu")
     record = json.loads(out.read_text())
+    assert record["threads"] == 1 and record["clock"] == "cpu"  # CPU defaults: one thread, CPU clock
+    assert record["verdict"]["judged"] is False
+    assert [(row["batch"], row["k"]) for row in record["decode"]] == [
+        (b, k) for b in (1, 3) for k in bench.QUICK.tiers
+    ]
+    for row in record["decode"]:
+        assert row["tokens_per_s"]["dense"] > 0 and row["tokens_per_s"]["reroute"] > 0
+        assert row["kv_entries"]["dense"] == row["batch"] * bench.QUICK.prompt_length * bench.QUICK.num_layers
+        assert row["ratios"]["kv_bound"] > 1
     assert {"device", "dtype", "shape", "schedules", "targets", "rows", "verdict", "memory_method"} <= set(
         record
     )
@@ -447,3 +456,20 @@ def test_quick_bench_writes_its_record(tmp_path):
         if row["batch"] == 1:
             assert {"reference", "reroute_full"} <= set(row["times"])
             assert "reference_over_optimized" in row["ratios"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats 0 is not a positive integer"),
+        (["--threads", "2"], "--threads 2 on CPU needs an explicit --clock"),
+        (["--batches", "1,x"], "--batches '1,x' is not a comma-separated list of integers"),
+        (["--decode-batches", "0"], "--decode-batches '0': batch sizes must be at least 1"),
+    ],
+)
+def test_bench_refuses_what_it_cannot_measure(argv, message, capsys):
+    from rerouting.optimized import bench
+
+    with pytest.raises(SystemExit) as info:
+        bench.parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
