@@ -16,7 +16,7 @@ from rerouting.reference import LlavaHost, RoutingConfig
 from rerouting.reference.compat import call_layer
 
 from .cache import RoutedCache
-from .routing import PrefillResult, attention_implementation, check_host, routed_prefill
+from .routing import PrefillResult, check_attention_implementation, check_host, routed_prefill
 
 
 def decode_step(model: nn.Module, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def decode_step(model: nn.Module, cache: RoutedCache, tokens: torch.Tensor) -> t
     cache entries, to every earlier decoded token and causally to each other.
     """
     host = LlavaHost(model)
-    implementation = attention_implementation(host)
+    implementation = check_attention_implementation(host)
     with torch.no_grad():
         return _decode(host, implementation, cache, tokens)
 

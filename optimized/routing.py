@@ -32,7 +32,8 @@ from rerouting.reference import (
     capped_k,
 )
 from rerouting.reference.compat import call_layer
-from rerouting.reference.scoring import query_rows, random_scores
+from rerouting.reference.scoring import probe_size, query_rows, random_scores
+from rerouting.reference.selection import ForcedSelection, forced_choice
 
 from .cache import RoutedCache
 from .packing import (
@@ -47,9 +48,6 @@ from .packing import (
 )
 from .scoring import probe_scores
 from .selection import select_topk
-
-# forced_selection[b][s]: the visual indices sample b selects at decision s (same shape as the reference's).
-ForcedSelection = Sequence[Sequence[Sequence[int]]]
 
 
 @dataclass
@@ -77,7 +75,7 @@ class PrefillResult:
         return [self.cache.sample_cache(b) for b in range(len(self.trace.samples))]
 
 
-def attention_implementation(host: LlavaHost) -> str:
+def check_attention_implementation(host: LlavaHost) -> str:
     """[routing.errors] The decoder's attention implementation, if this path supports it."""
     name = host.config.get_text_config()._attn_implementation
     if name not in SUPPORTED_ATTENTION:
@@ -92,7 +90,7 @@ def attention_implementation(host: LlavaHost) -> str:
 def check_host(model: nn.Module, config: RoutingConfig) -> tuple[LlavaHost, str]:
     """[routing.errors] The host adapter and attention implementation, or a ``RoutingError`` naming the value."""
     host = LlavaHost(model)  # rejects unsupported model classes
-    implementation = attention_implementation(host)
+    implementation = check_attention_implementation(host)
     config.schedule.check_layers(host.num_layers)
     return host, implementation
 
@@ -321,16 +319,11 @@ class _Prefill:
             if forced is None:
                 chosen = select_topk(sample_scores, pool, k)
             else:
-                chosen = tuple(sorted(forced[b][stage]))
-                if len(set(chosen)) != k or not set(chosen) <= set(pool):
-                    raise RoutingError(
-                        "selection.pool",
-                        f"forced selection {list(chosen)} at decision layer {layer_index} is not {k} distinct tokens of the pool",
-                    )
+                chosen = forced_choice(forced[b][stage], pool, k, layer_index)
             s.selected = chosen
             keep[b, [s.visual[i] for i in chosen]] = True
-            probe_keys = (
-                (len(s.text) + len(pool) if config.policy == "remove" else s.length) if queries else 0
+            probe_keys, probe_queries = probe_size(
+                config.policy, len(s.text), len(pool), s.length, len(queries)
             )
             decisions.append(
                 Decision(
@@ -341,7 +334,7 @@ class _Prefill:
                     k=k,
                     selected=chosen,
                     probe_keys=probe_keys,
-                    probe_queries=len(queries),
+                    probe_queries=probe_queries,
                 )
             )
         self._sync()

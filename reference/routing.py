@@ -21,12 +21,9 @@ from transformers import DynamicCache
 from .compat import call_layer
 from .host import LlavaHost, SampleLayout, attention_implementation, causal_mask
 from .schedule import RoutingConfig, RoutingError
-from .scoring import attention_scores, query_rows, random_scores
-from .selection import candidate_pool, capped_k, select_topk
+from .scoring import attention_scores, probe_size, query_rows, random_scores
+from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
-
-# forced_selection[b][s]: the visual indices sample b selects at decision s.
-ForcedSelection = Sequence[Sequence[Sequence[int]]]
 
 
 @dataclass
@@ -244,15 +241,14 @@ class Reference:
         else:
             layer = self.host.layers[layer_index]
             scores = attention_scores(self.host, layer, hidden, keys, queries, visual, self.score_dtype)
-        if forced is None:
-            chosen = select_topk(scores, pool, k)
-        else:
-            chosen = tuple(sorted(forced[stage]))
-            if len(set(chosen)) != k or not set(chosen) <= set(pool):
-                raise RoutingError(
-                    "selection.pool",
-                    f"forced selection {list(chosen)} at decision layer {layer_index} is not {k} distinct tokens of the pool",
-                )
+        chosen = (
+            select_topk(scores, pool, k)
+            if forced is None
+            else forced_choice(forced[stage], pool, k, layer_index)
+        )
+        probe_keys, probe_queries = probe_size(
+            config.policy, len(text), len(pool), layout.length, len(queries)
+        )
         return Decision(
             layer=layer_index,
             stage=stage,
@@ -260,6 +256,6 @@ class Reference:
             scores=scores,
             k=k,
             selected=chosen,
-            probe_keys=len(keys) if queries else 0,  # the random scorer runs no probe
-            probe_queries=len(queries),
+            probe_keys=probe_keys,  # the random scorer runs no probe: 0
+            probe_queries=probe_queries,
         )

@@ -59,6 +59,19 @@ def query_rows(text: Sequence[int], visual: Sequence[int], variant: str) -> tupl
     return after
 
 
+def probe_size(policy: str, num_text: int, pool_size: int, length: int, num_queries: int) -> tuple[int, int]:
+    """[scoring.probe.input] The probe's (keys, query rows) at one decision; ``(0, 0)`` when no probe runs.
+
+    Keys: every valid token (``length``) under ``reroute``, text plus pool under ``remove`` (removed tokens no
+    longer exist). ``num_queries == 0`` means the scorer runs no probe (the random baseline). The trace's
+    ``probe_keys``/``probe_queries`` ([budget.flops.probe]); the reference, the optimized path and the
+    conformance oracle all count with this function.
+    """
+    if not num_queries:
+        return 0, 0
+    return (num_text + pool_size if policy == "remove" else length), num_queries
+
+
 def attention_scores(
     host: LlavaHost,
     layer: nn.Module,

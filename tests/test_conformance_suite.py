@@ -35,14 +35,7 @@ from rerouting.reference import RoutingConfig, Schedule, Trace
 from rerouting.reference.compat import call_layer
 from rerouting.reference.host import causal_mask as true_causal_mask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU models: intra-op threads only add OpenMP barrier stalls on shared cores (as the suite's plugin does)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 HOST = HostSpec(
