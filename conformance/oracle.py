@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from rerouting.reference import LlavaHost, RoutingConfig, candidate_pool, capped_k, select_topk
+from rerouting.reference import RoutingConfig, candidate_pool, capped_k, host_for, select_topk
 from rerouting.reference.host import attention_implementation
 from rerouting.reference.routing import KERNELS
 from rerouting.reference.scoring import probe_size, query_rows
@@ -134,7 +134,7 @@ class Observation:
             device_inputs = case.inputs(case.device)
             out = impl.prefill(case.model(), case.config, **device_inputs, forced_selection=forced)
         self.out = out
-        self.layouts = LlavaHost(case.model64()).layouts(
+        self.layouts = host_for(case.model64()).layouts(
             self.inputs["input_ids"], self.inputs["attention_mask"]
         )
 

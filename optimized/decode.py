@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rerouting.reference import LlavaHost, RoutingConfig
+from rerouting.reference import Host, RoutingConfig, host_for
 from rerouting.reference.compat import call_layer
 
 from .cache import RoutedCache
@@ -25,15 +25,15 @@ def decode_step(model: nn.Module, cache: RoutedCache, tokens: torch.Tensor) -> t
     Appends q entries to every layer of ``cache`` (in place). The new tokens attend to their layer's valid
     cache entries, to every earlier decoded token and causally to each other.
     """
-    host = LlavaHost(model)
+    host = host_for(model)
     implementation = check_attention_implementation(host)
     with torch.no_grad():
         return _decode(host, implementation, cache, tokens)
 
 
-def _decode(host: LlavaHost, implementation: str, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
-    h = host.model.model.get_input_embeddings()(tokens)  # [B, q, D]
-    positions = cache.decode_positions(tokens.shape[1])  # [B, q]
+def _decode(host: Host, implementation: str, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
+    h = host.embed_tokens(tokens)  # [B, q, D]
+    positions = host.decode_positions(cache.prefill_lengths, cache.steps, tokens.shape[1])  # [B, q]
     rotary = host.rotary_embeddings(h, positions)  # cos, sin: [B, q, hd]
     for index, layer in enumerate(host.layers):
         h = call_layer(
@@ -48,9 +48,7 @@ def _decode(host: LlavaHost, implementation: str, cache: RoutedCache, tokens: to
     return host.logits(h)  # [B, q, V]
 
 
-def last_valid_logits(
-    host: LlavaHost, result: PrefillResult, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
+def last_valid_logits(host: Host, result: PrefillResult, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """[routing.output] Logits ``[B, 1, V]`` at each sample's last valid prompt token (any padding side)."""
     B, T = result.hidden.shape[:2]
     if attention_mask is None:

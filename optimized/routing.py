@@ -22,7 +22,7 @@ from torch import nn
 
 from rerouting.reference import (
     Decision,
-    LlavaHost,
+    Host,
     RoutingConfig,
     RoutingError,
     SampleCache,
@@ -30,6 +30,7 @@ from rerouting.reference import (
     Trace,
     candidate_pool,
     capped_k,
+    host_for,
 )
 from rerouting.reference.compat import call_layer
 from rerouting.reference.scoring import probe_size, query_rows, random_scores
@@ -75,7 +76,7 @@ class PrefillResult:
         return [self.cache.sample_cache(b) for b in range(len(self.trace.samples))]
 
 
-def check_attention_implementation(host: LlavaHost) -> str:
+def check_attention_implementation(host: Host) -> str:
     """[routing.errors] The decoder's attention implementation, if this path supports it."""
     name = host.config.get_text_config()._attn_implementation
     if name not in SUPPORTED_ATTENTION:
@@ -87,39 +88,12 @@ def check_attention_implementation(host: LlavaHost) -> str:
     return name
 
 
-def check_host(model: nn.Module, config: RoutingConfig) -> tuple[LlavaHost, str]:
+def check_host(model: nn.Module, config: RoutingConfig) -> tuple[Host, str]:
     """[routing.errors] The host adapter and attention implementation, or a ``RoutingError`` naming the value."""
-    host = LlavaHost(model)  # rejects unsupported model classes
+    host = host_for(model)  # rejects unsupported model classes
     implementation = check_attention_implementation(host)
     config.schedule.check_layers(host.num_layers)
     return host, implementation
-
-
-def embed(
-    host: LlavaHost,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    image_features: torch.Tensor | Sequence[torch.Tensor] | None,
-) -> torch.Tensor:
-    """[layout.visual-set] Merged input embeddings ``[B, T, D]``, from pixels (the host's own ``embed``) or from
-    image features the caller already computed with the host's ``get_image_features`` (what ``generate`` does).
-    """
-    if image_features is None:
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(host.dtype)
-        return host.embed(input_ids, pixel_values)
-    if pixel_values is not None:
-        raise RoutingError("layout.visual-set", "give pixel_values or image features, not both")
-    embeds = host.model.model.get_input_embeddings()(input_ids)  # [B, T, D]
-    placeholders = input_ids == host.image_token_id  # [B, T]
-    features = torch.cat(list(image_features), dim=0).to(embeds.dtype)  # [n_features, D]
-    if features.shape[0] != int(placeholders.sum()):
-        raise RoutingError(
-            "layout.visual-set",
-            f"{int(placeholders.sum())} image placeholder tokens (id {host.image_token_id}) but "
-            f"{features.shape[0]} image features",
-        )
-    return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
 
 
 @dataclass
@@ -140,7 +114,7 @@ class _Sample:
 class _Prefill:
     """One routed prefill of one batch. State: the buffer, the current compact batch and its packing."""
 
-    def __init__(self, host: LlavaHost, implementation: str, config: RoutingConfig):
+    def __init__(self, host: Host, implementation: str, config: RoutingConfig):
         self.host, self.implementation, self.config = host, implementation, config
 
     def run(
@@ -157,7 +131,7 @@ class _Prefill:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         B, T = input_ids.shape
-        embeds = embed(host, input_ids, pixel_values, image_features)  # [B, T, D]
+        embeds = host.embed(input_ids, pixel_values, image_features)  # [B, T, D]
         layouts = host.layouts(input_ids, attention_mask)
         if forced is not None and len(forced) != B:
             raise RoutingError(

@@ -28,8 +28,8 @@ def decode_step(reference: Reference, result: PrefillResult, tokens: torch.Tenso
     out = []
     with torch.no_grad(), attention_implementation(reference.model, reference.attention):
         for b, sample_cache in enumerate(result.caches):
-            h = host.model.model.get_input_embeddings()(tokens[b].view(1, 1))  # [1, 1, D]
-            position = torch.tensor([[sample_cache.length + step]])  # [1, 1]
+            h = host.embed_tokens(tokens[b].view(1, 1))  # [1, 1, D]
+            position = host.decode_positions(torch.tensor([sample_cache.length]), step, 1)  # [1, 1]
             cos, sin = host.rotary_embeddings(h, position)
             for index, layer in enumerate(host.layers):
                 n = sample_cache.cache.layers[index].keys.shape[-2]  # this layer's own length

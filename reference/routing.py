@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .compat import call_layer
-from .host import LlavaHost, SampleLayout, attention_implementation, causal_mask
+from .host import Host, SampleLayout, attention_implementation, causal_mask, host_for
 from .schedule import RoutingConfig, RoutingError
 from .scoring import attention_scores, probe_size, query_rows, random_scores
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
@@ -64,7 +64,7 @@ class PrefillResult:
 
 
 def run_block(
-    host: LlavaHost, layer: nn.Module, hidden: torch.Tensor, active: Sequence[int], cache: DynamicCache
+    host: Host, layer: nn.Module, hidden: torch.Tensor, active: Sequence[int], cache: DynamicCache
 ) -> torch.Tensor:
     """[routing.active-set] [routing.active.causal] [routing.active.positions] [routing.bypass] One layer.
 
@@ -133,10 +133,10 @@ class Reference:
             )
         if attention not in KERNELS:
             raise RoutingError("routing.errors", f"attention {attention!r} is not one of {list(KERNELS)}")
-        self.host = LlavaHost(model)
+        self.host = host_for(model)
         if self.host.dtype != compute_dtype:
             model = copy.deepcopy(model).to(compute_dtype)
-            self.host = LlavaHost(model)
+            self.host = host_for(model)
         config.schedule.check_layers(self.host.num_layers)
         self.model = model
         self.config = config

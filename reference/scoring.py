@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .host import LlavaHost, causal_mask
+from .host import Host, causal_mask
 from .schedule import RoutingError
 
 
 def probe_probabilities(
-    host: LlavaHost, layer: nn.Module, states: torch.Tensor, positions: torch.Tensor, score_dtype: torch.dtype
+    host: Host, layer: nn.Module, states: torch.Tensor, positions: torch.Tensor, score_dtype: torch.dtype
 ) -> torch.Tensor:
     """[scoring.probe.projection] [scoring.probe.softmax] Attention probabilities ``[H, n, n]`` of ``layer``'s probe.
 
@@ -29,9 +29,9 @@ def probe_probabilities(
         positions: ``[n]`` their ORIGINAL position ids, ascending.
         score_dtype: float32, or float64 in a float64 reference.
     """
-    attn = layer.self_attn
+    attn = host.attention_parts(layer)
     n, head_dim = states.shape[0], attn.head_dim
-    x = layer.input_layernorm(states[None])  # [1, n, D]
+    x = attn.input_norm(states[None])  # [1, n, D]
     q = attn.q_proj(x).view(1, n, -1, head_dim).transpose(1, 2)  # [1, H, n, hd]
     k = attn.k_proj(x).view(1, n, -1, head_dim).transpose(1, 2)  # [1, H_kv, n, hd]
     cos, sin = host.rotary_embeddings(x, positions[None])
@@ -73,7 +73,7 @@ def probe_size(policy: str, num_text: int, pool_size: int, length: int, num_quer
 
 
 def attention_scores(
-    host: LlavaHost,
+    host: Host,
     layer: nn.Module,
     hidden: torch.Tensor,
     keys: Sequence[int],
