@@ -33,7 +33,7 @@ from rerouting.reference import (
     host_for,
 )
 from rerouting.reference.compat import call_layer
-from rerouting.reference.scoring import probe_size, query_rows, random_scores
+from rerouting.reference.scoring import probe_size, query_rows, random_scores, scoring_method
 from rerouting.reference.selection import ForcedSelection, forced_choice
 
 from .cache import RoutedCache
@@ -88,11 +88,28 @@ def check_attention_implementation(host: Host) -> str:
     return name
 
 
+# [scoring.scorer] The registry keys (reference/scoring.py SCORERS) this path has a fast implementation for: the
+# attention probe fused and batched over the query rows only (scoring.py), the random baseline drawn per sample.
+FAST_SCORERS = ("attention", "random")
+
+
+def check_scorer(kind: str) -> None:
+    """[scoring.scorer] A scorer kind must be registered and have a fast implementation here."""
+    scoring_method(kind)  # unknown to the registry: an error naming the kind
+    if kind not in FAST_SCORERS:
+        raise RoutingError(
+            "scoring.scorer",
+            f"scorer kind {kind!r} has no fast implementation in the optimized path; "
+            f"fast: {', '.join(FAST_SCORERS)} (use rerouting.reference.Reference)",
+        )
+
+
 def check_host(model: nn.Module, config: RoutingConfig) -> tuple[Host, str]:
     """[routing.errors] The host adapter and attention implementation, or a ``RoutingError`` naming the value."""
     host = host_for(model)  # rejects unsupported model classes
     implementation = check_attention_implementation(host)
     config.schedule.check_layers(host.num_layers)
+    check_scorer(config.scorer.kind)
     return host, implementation
 
 

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from .compat import call_layer
 from .host import Host, SampleLayout, attention_implementation, causal_mask, host_for
 from .schedule import RoutingConfig, RoutingError
-from .scoring import attention_scores, probe_size, query_rows, random_scores
+from .scoring import DecisionContext, probe_size, query_rows, scoring_method
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
 
@@ -138,6 +138,7 @@ class Reference:
             model = copy.deepcopy(model).to(compute_dtype)
             self.host = host_for(model)
         config.schedule.check_layers(self.host.num_layers)
+        self.scoring = scoring_method(config.scorer.kind)
         self.model = model
         self.config = config
         self.compute_dtype, self.score_dtype, self.attention = compute_dtype, score_dtype, attention
@@ -218,7 +219,7 @@ class Reference:
         forced: Sequence[Sequence[int]] | None,
         generator: torch.Generator,
     ) -> Decision:
-        """[selection.pool] [selection.pool-cap] [scoring.probe.input] One decision of one sample."""
+        """[selection.pool] [selection.pool-cap] [scoring.probe.input] [scoring.scorer] One decision of one sample."""
         config, schedule = self.config, self.config.schedule
         layer_index = schedule.layers[stage]
         text, visual, N = layout.text, layout.visual, len(layout.visual)
@@ -230,17 +231,20 @@ class Reference:
             if config.policy == "remove"
             else range(layout.length)
         )
-        queries = () if config.scorer.kind == "random" else query_rows(text, visual, config.scorer.query)
-        if config.scorer.kind == "random":
-            scores = random_scores(generator, N)
-        elif config.scorer.probe_layer == "previous":  # [scoring.probe.variant-layer]
-            layer = self.host.layers[layer_index - 1]
-            scores = attention_scores(
-                self.host, layer, previous_input, keys, queries, visual, self.score_dtype
-            )
-        else:
-            layer = self.host.layers[layer_index]
-            scores = attention_scores(self.host, layer, hidden, keys, queries, visual, self.score_dtype)
+        queries = query_rows(text, visual, config.scorer.query) if self.scoring.probes else ()
+        context = DecisionContext(
+            host=self.host,
+            layer=layer_index,
+            states=hidden,
+            previous_states=previous_input,
+            keys=tuple(keys),
+            queries=queries,
+            visual=visual,
+            generator=generator,
+            score_dtype=self.score_dtype,
+            scorer=config.scorer,
+        )
+        scores = self.scoring(context)  # [scoring.scorer]: through the registry
         chosen = (
             select_topk(scores, pool, k)
             if forced is None

@@ -140,6 +140,7 @@ class ProbeRunsWholeLayer(Patched):
     """The probe runs the decision layer's full forward (as hook-based toolkits do) and discards it."""
 
     name, attr = "probe-runs-whole-layer", "attention_scores"
+    module = "rerouting.reference.scoring"  # the registered attention scorer calls it from there
 
     def replacement(self, original):
         def attention_scores(host, layer, hidden, keys, queries, visual, score_dtype):
@@ -155,7 +156,7 @@ class ProbeRunsWholeLayer(Patched):
 class JitteredScores(Patched):
     """Scores times (1 + eps·r), r ~ U(-1, 1), then the top-k of those: a conforming implementation for small eps."""
 
-    attr = "attention_scores"
+    module, attr = "rerouting.reference.scoring", "attention_scores"
 
     def __init__(self, eps: float):
         super().__init__()
