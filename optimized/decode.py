@@ -14,6 +14,7 @@ from torch import nn
 
 from rerouting.reference import Host, RoutingConfig, host_for
 from rerouting.reference.compat import call_layer
+from rerouting.reference.hooks import decoding_strategy
 
 from .cache import RoutedCache
 from .routing import PrefillResult, check_attention_implementation, check_host, routed_prefill
@@ -67,20 +68,22 @@ def greedy_generate(
     pixel_values: torch.Tensor | None = None,
     *,
     max_new_tokens: int,
+    strategy: str = "greedy",
 ) -> tuple[torch.Tensor, PrefillResult]:
-    """[cache.decode.unrouted] Greedy decoding: a routed prefill, then unrouted steps from its cache.
+    """[cache.decode.unrouted] [cache.decoding-strategy] Greedy decoding: a routed prefill, then unrouted steps.
 
     Returns ``[B, max_new_tokens]`` generated ids (no early stop at EOS) and the prefill result, whose cache
-    has been advanced by the decoded tokens (all but the last, which is never fed back).
+    has been advanced by the decoded tokens (all but the last, which is never fed back). ``strategy`` names the
+    decoding strategy (reference/hooks.py; only ``"greedy"`` exists).
     """
+    generate = decoding_strategy(strategy)
     host, implementation = check_host(model, config)
     result = routed_prefill(model, config, input_ids, attention_mask, pixel_values, logits_to_keep=1)
+
+    def step(tokens: torch.Tensor, j: int) -> torch.Tensor:
+        return _decode(host, implementation, result.cache, tokens[:, None])[:, -1]  # [B, V]
+
     with torch.no_grad():
         logits = last_valid_logits(host, result, attention_mask)  # [B, 1, V]
-        generated = []
-        for step in range(max_new_tokens):
-            tokens = logits[:, -1].argmax(dim=-1)  # [B]
-            generated.append(tokens)
-            if step + 1 < max_new_tokens:
-                logits = _decode(host, implementation, result.cache, tokens[:, None])  # [B, 1, V]
-    return torch.stack(generated, dim=1), result
+        tokens = generate(logits[:, -1], step, max_new_tokens)
+    return tokens, result

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .compat import call_layer
+from .hooks import vision_reducer
 from .host import Host, SampleLayout, attention_implementation, causal_mask, host_for
 from .schedule import RoutingConfig, RoutingError
 from .scoring import DecisionContext, probe_size, query_rows, scoring_method
@@ -111,6 +112,8 @@ class Reference:
             Default: float32 below float32, else ``compute_dtype``.
         attention: the host kernel the decoder layers run under, ``"eager"`` (default) or ``"sdpa"``;
             the masks are explicit either way, so only the rounding order differs.
+        reducer: the vision-side reducer applied before the decoder ([layout.vision-reducer]); only
+            ``"identity"`` exists.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Reference:
         compute_dtype: torch.dtype | None = None,
         score_dtype: torch.dtype | None = None,
         attention: str = "eager",
+        reducer: str = "identity",
     ):
         compute_dtype = config.compute_dtype if compute_dtype is None else compute_dtype
         if not compute_dtype.is_floating_point:
@@ -139,6 +143,7 @@ class Reference:
             self.host = host_for(model)
         config.schedule.check_layers(self.host.num_layers)
         self.scoring = scoring_method(config.scorer.kind)
+        self.reducer = vision_reducer(reducer)
         self.model = model
         self.config = config
         self.compute_dtype, self.score_dtype, self.attention = compute_dtype, score_dtype, attention
@@ -163,6 +168,7 @@ class Reference:
         with torch.no_grad(), attention_implementation(self.model, self.attention):
             embeds = host.embed(input_ids, pixel_values)  # [B, T, D]
             layouts = host.layouts(input_ids, attention_mask)
+            embeds, layouts = self.reducer(embeds, layouts)  # [layout.vision-reducer]
             B, T = input_ids.shape
             logits = torch.zeros(B, T, host.lm_head.out_features, dtype=dtype)
             hidden_out = torch.zeros(B, T, embeds.shape[-1], dtype=dtype)
