@@ -53,9 +53,10 @@ from typing import Any
 
 import torch
 
-from rerouting.reference import LlavaHost, RoutingConfig, candidate_pool, capped_k, select_topk
+from rerouting.reference import RoutingConfig, candidate_pool, capped_k, host_for, select_topk
 from rerouting.reference.host import attention_implementation
 from rerouting.reference.routing import KERNELS
+from rerouting.reference.scoring import probe_size, query_rows
 
 from . import report
 from .impls import Checked, ReferenceImpl
@@ -133,7 +134,7 @@ class Observation:
             device_inputs = case.inputs(case.device)
             out = impl.prefill(case.model(), case.config, **device_inputs, forced_selection=forced)
         self.out = out
-        self.layouts = LlavaHost(case.model64()).layouts(
+        self.layouts = host_for(case.model64()).layouts(
             self.inputs["input_ids"], self.inputs["attention_mask"]
         )
 
@@ -285,15 +286,15 @@ def check_structure(obs: Observation) -> None:
                 f"{where}: scores have shape {tuple(decision.scores.shape)}, expected one per visual token ({N},)",
             )
             if config.scorer.kind == "attention":
-                keys = layout.length if config.policy == "reroute" else len(layout.text) + len(pool)
+                n_queries = len(query_rows(layout.text, layout.visual, config.scorer.query))
+                keys, queries = probe_size(
+                    config.policy, len(layout.text), len(pool), layout.length, n_queries
+                )
                 check(
                     decision.probe_keys == keys,
                     "scoring.probe.input",
                     f"{where}: probe over {decision.probe_keys} keys, expected {keys} "
                     f"({'every valid token' if config.policy == 'reroute' else 'text + pool'})",
-                )
-                queries = (
-                    1 if config.scorer.query == "last" else sum(p > layout.visual[-1] for p in layout.text)
                 )
                 check(
                     decision.probe_queries == queries,

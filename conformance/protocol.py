@@ -21,9 +21,7 @@ import torch
 from torch import nn
 
 from rerouting.reference import RoutingConfig, Trace
-
-# forced_selection[b][s]: the visual indices (0..N_b-1, ascending) sample b selects at decision s.
-ForcedSelection = Sequence[Sequence[Sequence[int]]]
+from rerouting.reference.selection import ForcedSelection  # forced_selection[b][s], defined once
 
 
 class LayerKV(NamedTuple):

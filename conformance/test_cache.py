@@ -98,7 +98,7 @@ def check_decode_equiv(impl, case, steps, token_seed):
     check_decode(run, "cache.decode.equiv")
 
 
-@pytest.mark.spec("cache.decode.equiv")
+@pytest.mark.spec("cache.decode.equiv", "cache.decoding-strategy")  # greedy: the spec's tokens
 @given(data=st.data())
 def test_decode_equiv(impl, data):
     case = draw_case(data)

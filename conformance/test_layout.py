@@ -56,7 +56,7 @@ def check_visual_set(impl, case):
     )
 
 
-@pytest.mark.spec("layout.visual-set")
+@pytest.mark.spec("layout.visual-set", "layout.vision-reducer")  # identity: V is the host's own
 @given(data=st.data())
 def test_visual_set(impl, data):
     run_check(check_visual_set, impl, draw_case(data, layout=layouts(min_images=1)))

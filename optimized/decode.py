@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rerouting.reference import LlavaHost, RoutingConfig
+from rerouting.reference import Host, RoutingConfig, host_for
 from rerouting.reference.compat import call_layer
+from rerouting.reference.hooks import decoding_strategy
 
 from .cache import RoutedCache
-from .routing import PrefillResult, attention_implementation, check_host, routed_prefill
+from .routing import PrefillResult, check_attention_implementation, check_host, routed_prefill
 
 
 def decode_step(model: nn.Module, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -25,15 +26,15 @@ def decode_step(model: nn.Module, cache: RoutedCache, tokens: torch.Tensor) -> t
     Appends q entries to every layer of ``cache`` (in place). The new tokens attend to their layer's valid
     cache entries, to every earlier decoded token and causally to each other.
     """
-    host = LlavaHost(model)
-    implementation = attention_implementation(host)
+    host = host_for(model)
+    implementation = check_attention_implementation(host)
     with torch.no_grad():
         return _decode(host, implementation, cache, tokens)
 
 
-def _decode(host: LlavaHost, implementation: str, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
-    h = host.model.model.get_input_embeddings()(tokens)  # [B, q, D]
-    positions = cache.decode_positions(tokens.shape[1])  # [B, q]
+def _decode(host: Host, implementation: str, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
+    h = host.embed_tokens(tokens)  # [B, q, D]
+    positions = host.decode_positions(cache.prefill_lengths, cache.steps, tokens.shape[1])  # [B, q]
     rotary = host.rotary_embeddings(h, positions)  # cos, sin: [B, q, hd]
     for index, layer in enumerate(host.layers):
         h = call_layer(
@@ -48,9 +49,7 @@ def _decode(host: LlavaHost, implementation: str, cache: RoutedCache, tokens: to
     return host.logits(h)  # [B, q, V]
 
 
-def last_valid_logits(
-    host: LlavaHost, result: PrefillResult, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
+def last_valid_logits(host: Host, result: PrefillResult, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """[routing.output] Logits ``[B, 1, V]`` at each sample's last valid prompt token (any padding side)."""
     B, T = result.hidden.shape[:2]
     if attention_mask is None:
@@ -69,20 +68,22 @@ def greedy_generate(
     pixel_values: torch.Tensor | None = None,
     *,
     max_new_tokens: int,
+    strategy: str = "greedy",
 ) -> tuple[torch.Tensor, PrefillResult]:
-    """[cache.decode.unrouted] Greedy decoding: a routed prefill, then unrouted steps from its cache.
+    """[cache.decode.unrouted] [cache.decoding-strategy] Greedy decoding: a routed prefill, then unrouted steps.
 
     Returns ``[B, max_new_tokens]`` generated ids (no early stop at EOS) and the prefill result, whose cache
-    has been advanced by the decoded tokens (all but the last, which is never fed back).
+    has been advanced by the decoded tokens (all but the last, which is never fed back). ``strategy`` names the
+    decoding strategy (reference/hooks.py; only ``"greedy"`` exists).
     """
+    generate = decoding_strategy(strategy)
     host, implementation = check_host(model, config)
     result = routed_prefill(model, config, input_ids, attention_mask, pixel_values, logits_to_keep=1)
+
+    def step(tokens: torch.Tensor, j: int) -> torch.Tensor:
+        return _decode(host, implementation, result.cache, tokens[:, None])[:, -1]  # [B, V]
+
     with torch.no_grad():
         logits = last_valid_logits(host, result, attention_mask)  # [B, 1, V]
-        generated = []
-        for step in range(max_new_tokens):
-            tokens = logits[:, -1].argmax(dim=-1)  # [B]
-            generated.append(tokens)
-            if step + 1 < max_new_tokens:
-                logits = _decode(host, implementation, result.cache, tokens[:, None])  # [B, 1, V]
-    return torch.stack(generated, dim=1), result
+        tokens = generate(logits[:, -1], step, max_new_tokens)
+    return tokens, result

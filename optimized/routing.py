@@ -22,7 +22,7 @@ from torch import nn
 
 from rerouting.reference import (
     Decision,
-    LlavaHost,
+    Host,
     RoutingConfig,
     RoutingError,
     SampleCache,
@@ -30,9 +30,11 @@ from rerouting.reference import (
     Trace,
     candidate_pool,
     capped_k,
+    host_for,
 )
 from rerouting.reference.compat import call_layer
-from rerouting.reference.scoring import query_rows, random_scores
+from rerouting.reference.scoring import probe_size, query_rows, random_scores, scoring_method
+from rerouting.reference.selection import ForcedSelection, forced_choice
 
 from .cache import RoutedCache
 from .packing import (
@@ -47,9 +49,6 @@ from .packing import (
 )
 from .scoring import probe_scores
 from .selection import select_topk
-
-# forced_selection[b][s]: the visual indices sample b selects at decision s (same shape as the reference's).
-ForcedSelection = Sequence[Sequence[Sequence[int]]]
 
 
 @dataclass
@@ -77,7 +76,7 @@ class PrefillResult:
         return [self.cache.sample_cache(b) for b in range(len(self.trace.samples))]
 
 
-def attention_implementation(host: LlavaHost) -> str:
+def check_attention_implementation(host: Host) -> str:
     """[routing.errors] The decoder's attention implementation, if this path supports it."""
     name = host.config.get_text_config()._attn_implementation
     if name not in SUPPORTED_ATTENTION:
@@ -89,39 +88,29 @@ def attention_implementation(host: LlavaHost) -> str:
     return name
 
 
-def check_host(model: nn.Module, config: RoutingConfig) -> tuple[LlavaHost, str]:
-    """[routing.errors] The host adapter and attention implementation, or a ``RoutingError`` naming the value."""
-    host = LlavaHost(model)  # rejects unsupported model classes
-    implementation = attention_implementation(host)
-    config.schedule.check_layers(host.num_layers)
-    return host, implementation
+# [scoring.scorer] The registry keys (reference/scoring.py SCORERS) this path has a fast implementation for: the
+# attention probe fused and batched over the query rows only (scoring.py), the random baseline drawn per sample.
+FAST_SCORERS = ("attention", "random")
 
 
-def embed(
-    host: LlavaHost,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    image_features: torch.Tensor | Sequence[torch.Tensor] | None,
-) -> torch.Tensor:
-    """[layout.visual-set] Merged input embeddings ``[B, T, D]``, from pixels (the host's own ``embed``) or from
-    image features the caller already computed with the host's ``get_image_features`` (what ``generate`` does).
-    """
-    if image_features is None:
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(host.dtype)
-        return host.embed(input_ids, pixel_values)
-    if pixel_values is not None:
-        raise RoutingError("layout.visual-set", "give pixel_values or image features, not both")
-    embeds = host.model.model.get_input_embeddings()(input_ids)  # [B, T, D]
-    placeholders = input_ids == host.image_token_id  # [B, T]
-    features = torch.cat(list(image_features), dim=0).to(embeds.dtype)  # [n_features, D]
-    if features.shape[0] != int(placeholders.sum()):
+def check_scorer(kind: str) -> None:
+    """[scoring.scorer] A scorer kind must be registered and have a fast implementation here."""
+    scoring_method(kind)  # unknown to the registry: an error naming the kind
+    if kind not in FAST_SCORERS:
         raise RoutingError(
-            "layout.visual-set",
-            f"{int(placeholders.sum())} image placeholder tokens (id {host.image_token_id}) but "
-            f"{features.shape[0]} image features",
+            "scoring.scorer",
+            f"scorer kind {kind!r} has no fast implementation in the optimized path; "
+            f"fast: {', '.join(FAST_SCORERS)} (use rerouting.reference.Reference)",
         )
-    return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+
+
+def check_host(model: nn.Module, config: RoutingConfig) -> tuple[Host, str]:
+    """[routing.errors] The host adapter and attention implementation, or a ``RoutingError`` naming the value."""
+    host = host_for(model)  # rejects unsupported model classes
+    implementation = check_attention_implementation(host)
+    config.schedule.check_layers(host.num_layers)
+    check_scorer(config.scorer.kind)
+    return host, implementation
 
 
 @dataclass
@@ -142,7 +131,7 @@ class _Sample:
 class _Prefill:
     """One routed prefill of one batch. State: the buffer, the current compact batch and its packing."""
 
-    def __init__(self, host: LlavaHost, implementation: str, config: RoutingConfig):
+    def __init__(self, host: Host, implementation: str, config: RoutingConfig):
         self.host, self.implementation, self.config = host, implementation, config
 
     def run(
@@ -159,7 +148,7 @@ class _Prefill:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         B, T = input_ids.shape
-        embeds = embed(host, input_ids, pixel_values, image_features)  # [B, T, D]
+        embeds = host.embed(input_ids, pixel_values, image_features)  # [B, T, D]
         layouts = host.layouts(input_ids, attention_mask)
         if forced is not None and len(forced) != B:
             raise RoutingError(
@@ -321,16 +310,11 @@ class _Prefill:
             if forced is None:
                 chosen = select_topk(sample_scores, pool, k)
             else:
-                chosen = tuple(sorted(forced[b][stage]))
-                if len(set(chosen)) != k or not set(chosen) <= set(pool):
-                    raise RoutingError(
-                        "selection.pool",
-                        f"forced selection {list(chosen)} at decision layer {layer_index} is not {k} distinct tokens of the pool",
-                    )
+                chosen = forced_choice(forced[b][stage], pool, k, layer_index)
             s.selected = chosen
             keep[b, [s.visual[i] for i in chosen]] = True
-            probe_keys = (
-                (len(s.text) + len(pool) if config.policy == "remove" else s.length) if queries else 0
+            probe_keys, probe_queries = probe_size(
+                config.policy, len(s.text), len(pool), s.length, len(queries)
             )
             decisions.append(
                 Decision(
@@ -341,7 +325,7 @@ class _Prefill:
                     k=k,
                     selected=chosen,
                     probe_keys=probe_keys,
-                    probe_queries=len(queries),
+                    probe_queries=probe_queries,
                 )
             )
         self._sync()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rerouting.reference import LlavaHost
+from rerouting.reference import Host
 
 from .packing import gather_rows
 
@@ -35,7 +35,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def probe_scores(
-    host: LlavaHost,
+    host: Host,
     layer: nn.Module,
     states: torch.Tensor,
     positions: torch.Tensor,
@@ -58,10 +58,10 @@ def probe_scores(
             is not a key (it scores 0) or is padding.
         rotary: cos, sin ``[B, n, hd]`` at ``positions`` when the caller has them already.
     """
-    attn = layer.self_attn
+    attn = host.attention_parts(layer)
     B, n, _ = states.shape
     q_rows, hd = queries.shape[1], attn.head_dim
-    x = layer.input_layernorm(states)  # [B, n, D]
+    x = attn.input_norm(states)  # [B, n, D]
     cos, sin = rotary if rotary is not None else host.rotary_embeddings(x, positions)  # [B, n, hd] each
     k = rope(attn.k_proj(x).view(B, n, -1, hd), cos, sin)  # [B, n, H_kv, hd]
     q = attn.q_proj(gather_rows(x, queries)).view(B, q_rows, -1, hd)  # [B, q, H, hd]

@@ -5,16 +5,21 @@ Every function implementing a spec rule names the rule ID in the first line of i
 
 from . import compat  # first: refuses an unsupported transformers before anything else touches it
 from .decode import decode_step, greedy_generate
-from .host import LlavaHost, SampleLayout
+from .host import HOSTS, AttentionParts, Host, ImageSpan, LlavaHost, SampleLayout, host_for, register_host
 from .routing import PrefillResult, Reference, SampleCache, run_block
 from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
-from .selection import candidate_pool, capped_k, select_topk
+from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
 
 __all__ = [
+    "HOSTS",
     "POLICIES",
     "PRESETS",
+    "AttentionParts",
     "Decision",
+    "ForcedSelection",
+    "Host",
+    "ImageSpan",
     "LlavaHost",
     "PrefillResult",
     "Reference",
@@ -30,8 +35,11 @@ __all__ = [
     "capped_k",
     "compat",
     "decode_step",
+    "forced_choice",
     "greedy_generate",
+    "host_for",
     "preset",
+    "register_host",
     "run_block",
     "select_topk",
 ]

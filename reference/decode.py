@@ -11,6 +11,7 @@ import copy
 import torch
 
 from .compat import call_layer
+from .hooks import decoding_strategy
 from .host import attention_implementation
 from .routing import PrefillResult, Reference
 
@@ -28,8 +29,8 @@ def decode_step(reference: Reference, result: PrefillResult, tokens: torch.Tenso
     out = []
     with torch.no_grad(), attention_implementation(reference.model, reference.attention):
         for b, sample_cache in enumerate(result.caches):
-            h = host.model.model.get_input_embeddings()(tokens[b].view(1, 1))  # [1, 1, D]
-            position = torch.tensor([[sample_cache.length + step]])  # [1, 1]
+            h = host.embed_tokens(tokens[b].view(1, 1))  # [1, 1, D]
+            position = host.decode_positions(torch.tensor([sample_cache.length]), step, 1)  # [1, 1]
             cos, sin = host.rotary_embeddings(h, position)
             for index, layer in enumerate(host.layers):
                 n = sample_cache.cache.layers[index].keys.shape[-2]  # this layer's own length
@@ -53,12 +54,15 @@ def greedy_generate(
     pixel_values: torch.Tensor | None = None,
     *,
     max_new_tokens: int,
+    strategy: str = "greedy",
 ) -> tuple[torch.Tensor, PrefillResult]:
-    """[cache.decode.unrouted] Greedy decoding: a routed prefill, then unrouted steps from its cache.
+    """[cache.decode.unrouted] [cache.decoding-strategy] Greedy decoding: a routed prefill, then unrouted steps.
 
     Returns ``[B, max_new_tokens]`` generated ids (no early stop at EOS) and the prefill result as it was
-    before decoding (the caches used for decoding are copies).
+    before decoding (the caches used for decoding are copies). ``strategy`` names the decoding strategy
+    (reference/hooks.py; only ``"greedy"`` exists).
     """
+    generate = decoding_strategy(strategy)
     result = reference.prefill(input_ids, attention_mask, pixel_values)
     working = copy.copy(result)
     working.caches = copy.deepcopy(result.caches)
@@ -69,10 +73,7 @@ def greedy_generate(
     logits = torch.stack(
         [result.logits[b, valid_cols[b][last[b]]] for b in range(len(result.caches))]
     )  # [B, V]
-    generated = []
-    for step in range(max_new_tokens):
-        tokens = logits.argmax(dim=-1)  # [B]
-        generated.append(tokens)
-        if step + 1 < max_new_tokens:
-            logits = decode_step(reference, working, tokens, step)
-    return torch.stack(generated, dim=1), result
+    tokens = generate(
+        logits, lambda tokens, step: decode_step(reference, working, tokens, step), max_new_tokens
+    )
+    return tokens, result

@@ -4,21 +4,36 @@ The adapter never re-implements the model: embeddings come from the model's own 
 projector, every decoder layer is the model's own ``nn.Module``, and the final norm, rotary
 embedding and head are the model's own. Only the loop over layers is ours.
 
-Notation: B batch, T padded length, D hidden size, V vocabulary.
+``Host`` is the protocol a model family implements (DESIGN.md §7); ``register_host`` maps Hugging Face
+model class names to an adapter class and ``host_for(model)`` picks one. ``LlavaHost`` is the first.
+
+Notation: B batch, T padded length, D hidden size, V vocabulary, N visual tokens, n positions.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .schedule import RoutingError
 
-SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """[layout.visual-set] One image of a sample: visual indices ``start .. stop-1`` and its token grid.
+
+    Attributes:
+        grid: ``(rows, cols)`` of the image's tokens, or None where the host cannot tell.
+    """
+
+    start: int
+    stop: int
+    grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -29,31 +44,117 @@ class SampleLayout:
         valid: ``[T_b]`` long, the padded-batch columns of the sample's valid tokens, ascending.
         visual: visual positions (indices into ``valid``), ascending ([layout.visual-set]).
         text: text positions, ascending ([layout.text-set]).
+        images: every image's span of visual indices, in order (empty where the host gives none).
     """
 
     valid: torch.Tensor
     visual: tuple[int, ...]
     text: tuple[int, ...]
+    images: tuple[ImageSpan, ...] = ()
 
     @property
     def length(self) -> int:
         return int(self.valid.numel())
 
 
+@dataclass(frozen=True)
+class AttentionParts:
+    """[scoring.probe.projection] What the probe replicates of one decoder layer: norm, q/k projections."""
+
+    input_norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    head_dim: int
+    scaling: float
+
+
+@runtime_checkable
+class Host(Protocol):
+    """Everything routing needs from a model family (DESIGN.md §7; spec/layout.md, spec/routing.md).
+
+    Positions here are ranks among a sample's valid tokens; ``rotary_embeddings`` and ``decode_positions``
+    turn them into what the host's own rotary takes. ``layer_kinds[l]`` is ``"softmax"`` or ``"linear"``
+    attention; routing supports softmax layers only today.
+    """
+
+    model: nn.Module
+    config: Any
+    layers: nn.ModuleList
+    layer_kinds: tuple[str, ...]
+    norm: nn.Module
+    lm_head: nn.Module
+    image_token_id: int
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor: ...
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def layouts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[SampleLayout]: ...
+
+    def rotary_embeddings(
+        self, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decode_positions(self, lengths: torch.Tensor, step: int, count: int) -> torch.Tensor: ...
+
+    def attention_parts(self, layer: nn.Module) -> AttentionParts: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+HOSTS: dict[str, type] = {}  # Hugging Face model class name -> host adapter class
+
+
+def register_host(*model_classes: str) -> Callable[[type], type]:
+    """Class decorator: ``cls`` becomes the host adapter of every named Hugging Face model class."""
+
+    def register(cls: type) -> type:
+        for name in model_classes:
+            HOSTS[name] = cls
+        return cls
+
+    return register
+
+
+def _unsupported(name: str) -> RoutingError:
+    return RoutingError(
+        "routing.errors",
+        f"model class {name} is not supported; supported classes: {', '.join(HOSTS)}",
+    )
+
+
+def host_for(model: nn.Module) -> Host:
+    """[routing.errors] The registered host adapter of ``model``'s class, or an error listing the supported ones."""
+    name = type(model).__name__
+    if name not in HOSTS:
+        raise _unsupported(name)
+    return HOSTS[name](model)
+
+
+@register_host("LlavaForConditionalGeneration")
 class LlavaHost:
     """Adapter for ``transformers.LlavaForConditionalGeneration`` (LLaMA decoder, 1-D RoPE)."""
 
     def __init__(self, model: nn.Module):
         name = type(model).__name__
-        if name not in SUPPORTED_MODELS:
-            raise RoutingError(
-                "routing.errors",
-                f"model class {name} is not supported; supported classes: {', '.join(SUPPORTED_MODELS)}",
-            )
+        if HOSTS.get(name) is not type(self):
+            raise _unsupported(name)
         self.model = model
         self.config = model.config
         text = model.model.language_model
         self.layers: nn.ModuleList = text.layers
+        self.layer_kinds: tuple[str, ...] = ("softmax",) * len(text.layers)
         self.norm: nn.Module = text.norm
         self.rotary: nn.Module = text.rotary_emb
         self.lm_head: nn.Module = model.lm_head
@@ -77,30 +178,58 @@ class LlavaHost:
             is_visual = (ids[valid] == self.image_token_id).tolist()
             visual = tuple(i for i, v in enumerate(is_visual) if v)
             text = tuple(i for i, v in enumerate(is_visual) if not v)
-            out.append(SampleLayout(valid=valid, visual=visual, text=text))
+            out.append(SampleLayout(valid=valid, visual=visual, text=text, images=self._images(len(visual))))
         return out
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def _images(self, num_visual: int) -> tuple[ImageSpan, ...]:
+        """[layout.visual-set] LLaVA-1.5: every image has ``image_seq_length`` tokens on a square grid."""
+        per = getattr(self.config, "image_seq_length", 0)
+        if not per or num_visual % per:
+            return ()
+        side = int(per**0.5)
+        grid = (side, side) if side * side == per else None
+        return tuple(ImageSpan(start, start + per, grid) for start in range(0, num_visual, per))
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[..., D]`` (no image features): what decoding feeds."""
+        return self.model.model.get_input_embeddings()(input_ids)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """[layout.visual-set] Merged input embeddings ``[B, T, D]``: token embeddings with image features scattered in.
 
-        Uses the model's own ``get_image_features`` (vision tower, feature layer, projector).
+        The features come from the model's own ``get_image_features`` (vision tower, feature layer, projector)
+        on ``pixel_values`` (cast to the host's dtype), or are ``image_features``, the per-image ``[n_i, D]``
+        the caller already computed with it (what ``generate`` does); never both.
         """
         inner = self.model.model
-        embeds = inner.get_input_embeddings()(input_ids)  # [B, T, D]
+        embeds = self.embed_tokens(input_ids)  # [B, T, D]
         placeholders = input_ids == self.image_token_id  # [B, T]
         n_tokens = int(placeholders.sum())
-        if pixel_values is None:
+        if image_features is not None:
+            if pixel_values is not None:
+                raise RoutingError("layout.visual-set", "give pixel_values or image features, not both")
+            source = ""
+            features = image_features
+        elif pixel_values is None:
             if n_tokens:
                 raise RoutingError(
                     "layout.visual-set", f"input has {n_tokens} image placeholder tokens but no pixel_values"
                 )
             return embeds
-        features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        else:
+            source = "the vision tower gave "
+            pixel_values = pixel_values.to(self.dtype)
+            features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
         features = torch.cat(list(features), dim=0).to(embeds.dtype)  # [n_features, D]
         if features.shape[0] != n_tokens:
             raise RoutingError(
                 "layout.visual-set",
-                f"{n_tokens} image placeholder tokens (id {self.image_token_id}) but the vision tower gave "
+                f"{n_tokens} image placeholder tokens (id {self.image_token_id}) but {source}"
                 f"{features.shape[0]} image features",
             )
         return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
@@ -110,6 +239,15 @@ class LlavaHost:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[B, n, head_dim]`` at the given position ids ``[B, n]`` ([routing.active.positions])."""
         return self.rotary(hidden, positions)
+
+    def decode_positions(self, lengths: torch.Tensor, step: int, count: int) -> torch.Tensor:
+        """[cache.decode.positions] Position ids ``[B, count]`` of the next tokens: ``T_b + step + j`` (1-D RoPE)."""
+        return lengths[:, None] + step + torch.arange(count, device=lengths.device)[None, :]
+
+    def attention_parts(self, layer: nn.Module) -> AttentionParts:
+        """[scoring.probe.projection] A LLaMA layer's input norm, q/k projections, head dim and scaling."""
+        attn = layer.self_attn
+        return AttentionParts(layer.input_layernorm, attn.q_proj, attn.k_proj, attn.head_dim, attn.scaling)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[routing.output] The host's final norm and head: ``[..., D] -> [..., V]``."""

@@ -19,14 +19,12 @@ from torch import nn
 from transformers import DynamicCache
 
 from .compat import call_layer
-from .host import LlavaHost, SampleLayout, attention_implementation, causal_mask
+from .hooks import vision_reducer
+from .host import Host, SampleLayout, attention_implementation, causal_mask, host_for
 from .schedule import RoutingConfig, RoutingError
-from .scoring import attention_scores, query_rows, random_scores
-from .selection import candidate_pool, capped_k, select_topk
+from .scoring import DecisionContext, probe_size, query_rows, scoring_method
+from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
-
-# forced_selection[b][s]: the visual indices sample b selects at decision s.
-ForcedSelection = Sequence[Sequence[Sequence[int]]]
 
 
 @dataclass
@@ -67,7 +65,7 @@ class PrefillResult:
 
 
 def run_block(
-    host: LlavaHost, layer: nn.Module, hidden: torch.Tensor, active: Sequence[int], cache: DynamicCache
+    host: Host, layer: nn.Module, hidden: torch.Tensor, active: Sequence[int], cache: DynamicCache
 ) -> torch.Tensor:
     """[routing.active-set] [routing.active.causal] [routing.active.positions] [routing.bypass] One layer.
 
@@ -114,6 +112,8 @@ class Reference:
             Default: float32 below float32, else ``compute_dtype``.
         attention: the host kernel the decoder layers run under, ``"eager"`` (default) or ``"sdpa"``;
             the masks are explicit either way, so only the rounding order differs.
+        reducer: the vision-side reducer applied before the decoder ([layout.vision-reducer]); only
+            ``"identity"`` exists.
     """
 
     def __init__(
@@ -124,6 +124,7 @@ class Reference:
         compute_dtype: torch.dtype | None = None,
         score_dtype: torch.dtype | None = None,
         attention: str = "eager",
+        reducer: str = "identity",
     ):
         compute_dtype = config.compute_dtype if compute_dtype is None else compute_dtype
         if not compute_dtype.is_floating_point:
@@ -136,11 +137,13 @@ class Reference:
             )
         if attention not in KERNELS:
             raise RoutingError("routing.errors", f"attention {attention!r} is not one of {list(KERNELS)}")
-        self.host = LlavaHost(model)
+        self.host = host_for(model)
         if self.host.dtype != compute_dtype:
             model = copy.deepcopy(model).to(compute_dtype)
-            self.host = LlavaHost(model)
+            self.host = host_for(model)
         config.schedule.check_layers(self.host.num_layers)
+        self.scoring = scoring_method(config.scorer.kind)
+        self.reducer = vision_reducer(reducer)
         self.model = model
         self.config = config
         self.compute_dtype, self.score_dtype, self.attention = compute_dtype, score_dtype, attention
@@ -165,6 +168,7 @@ class Reference:
         with torch.no_grad(), attention_implementation(self.model, self.attention):
             embeds = host.embed(input_ids, pixel_values)  # [B, T, D]
             layouts = host.layouts(input_ids, attention_mask)
+            embeds, layouts = self.reducer(embeds, layouts)  # [layout.vision-reducer]
             B, T = input_ids.shape
             logits = torch.zeros(B, T, host.lm_head.out_features, dtype=dtype)
             hidden_out = torch.zeros(B, T, embeds.shape[-1], dtype=dtype)
@@ -221,7 +225,7 @@ class Reference:
         forced: Sequence[Sequence[int]] | None,
         generator: torch.Generator,
     ) -> Decision:
-        """[selection.pool] [selection.pool-cap] [scoring.probe.input] One decision of one sample."""
+        """[selection.pool] [selection.pool-cap] [scoring.probe.input] [scoring.scorer] One decision of one sample."""
         config, schedule = self.config, self.config.schedule
         layer_index = schedule.layers[stage]
         text, visual, N = layout.text, layout.visual, len(layout.visual)
@@ -233,26 +237,28 @@ class Reference:
             if config.policy == "remove"
             else range(layout.length)
         )
-        queries = () if config.scorer.kind == "random" else query_rows(text, visual, config.scorer.query)
-        if config.scorer.kind == "random":
-            scores = random_scores(generator, N)
-        elif config.scorer.probe_layer == "previous":  # [scoring.probe.variant-layer]
-            layer = self.host.layers[layer_index - 1]
-            scores = attention_scores(
-                self.host, layer, previous_input, keys, queries, visual, self.score_dtype
-            )
-        else:
-            layer = self.host.layers[layer_index]
-            scores = attention_scores(self.host, layer, hidden, keys, queries, visual, self.score_dtype)
-        if forced is None:
-            chosen = select_topk(scores, pool, k)
-        else:
-            chosen = tuple(sorted(forced[stage]))
-            if len(set(chosen)) != k or not set(chosen) <= set(pool):
-                raise RoutingError(
-                    "selection.pool",
-                    f"forced selection {list(chosen)} at decision layer {layer_index} is not {k} distinct tokens of the pool",
-                )
+        queries = query_rows(text, visual, config.scorer.query) if self.scoring.probes else ()
+        context = DecisionContext(
+            host=self.host,
+            layer=layer_index,
+            states=hidden,
+            previous_states=previous_input,
+            keys=tuple(keys),
+            queries=queries,
+            visual=visual,
+            generator=generator,
+            score_dtype=self.score_dtype,
+            scorer=config.scorer,
+        )
+        scores = self.scoring(context)  # [scoring.scorer]: through the registry
+        chosen = (
+            select_topk(scores, pool, k)
+            if forced is None
+            else forced_choice(forced[stage], pool, k, layer_index)
+        )
+        probe_keys, probe_queries = probe_size(
+            config.policy, len(text), len(pool), layout.length, len(queries)
+        )
         return Decision(
             layer=layer_index,
             stage=stage,
@@ -260,6 +266,6 @@ class Reference:
             scores=scores,
             k=k,
             selected=chosen,
-            probe_keys=len(keys) if queries else 0,  # the random scorer runs no probe
-            probe_queries=len(queries),
+            probe_keys=probe_keys,  # the random scorer runs no probe: 0
+            probe_queries=probe_queries,
         )

@@ -1,5 +1,8 @@
 """Scorers: the attention probe and the random baseline (spec/scoring.md).
 
+A scorer is a ``ScoringMethod`` registered under its config kind (``Scorer.kind``) in ``SCORERS``: it reads
+one ``DecisionContext`` and returns the scores ``[N]``. Selection never depends on which scorer ran.
+
 The reference probe builds the full attention-probability matrix over the probe sequence and then
 reads the query row(s); the optimized path computes only those rows. Both give the same scores.
 
@@ -8,18 +11,20 @@ Notation: n probe-sequence length, H query heads, H_kv key/value heads, hd head 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .host import LlavaHost, causal_mask
-from .schedule import RoutingError
+from .host import Host, causal_mask
+from .schedule import RoutingError, Scorer
 
 
 def probe_probabilities(
-    host: LlavaHost, layer: nn.Module, states: torch.Tensor, positions: torch.Tensor, score_dtype: torch.dtype
+    host: Host, layer: nn.Module, states: torch.Tensor, positions: torch.Tensor, score_dtype: torch.dtype
 ) -> torch.Tensor:
     """[scoring.probe.projection] [scoring.probe.softmax] Attention probabilities ``[H, n, n]`` of ``layer``'s probe.
 
@@ -29,9 +34,9 @@ def probe_probabilities(
         positions: ``[n]`` their ORIGINAL position ids, ascending.
         score_dtype: float32, or float64 in a float64 reference.
     """
-    attn = layer.self_attn
+    attn = host.attention_parts(layer)
     n, head_dim = states.shape[0], attn.head_dim
-    x = layer.input_layernorm(states[None])  # [1, n, D]
+    x = attn.input_norm(states[None])  # [1, n, D]
     q = attn.q_proj(x).view(1, n, -1, head_dim).transpose(1, 2)  # [1, H, n, hd]
     k = attn.k_proj(x).view(1, n, -1, head_dim).transpose(1, 2)  # [1, H_kv, n, hd]
     cos, sin = host.rotary_embeddings(x, positions[None])
@@ -59,8 +64,21 @@ def query_rows(text: Sequence[int], visual: Sequence[int], variant: str) -> tupl
     return after
 
 
+def probe_size(policy: str, num_text: int, pool_size: int, length: int, num_queries: int) -> tuple[int, int]:
+    """[scoring.probe.input] The probe's (keys, query rows) at one decision; ``(0, 0)`` when no probe runs.
+
+    Keys: every valid token (``length``) under ``reroute``, text plus pool under ``remove`` (removed tokens no
+    longer exist). ``num_queries == 0`` means the scorer runs no probe (the random baseline). The trace's
+    ``probe_keys``/``probe_queries`` ([budget.flops.probe]); the reference, the optimized path and the
+    conformance oracle all count with this function.
+    """
+    if not num_queries:
+        return 0, 0
+    return (num_text + pool_size if policy == "remove" else length), num_queries
+
+
 def attention_scores(
-    host: LlavaHost,
+    host: Host,
     layer: nn.Module,
     hidden: torch.Tensor,
     keys: Sequence[int],
@@ -91,3 +109,92 @@ def attention_scores(
 def random_scores(generator: torch.Generator, num_visual: int) -> torch.Tensor:
     """[scoring.scorer.random] One draw of the seeded random baseline: ``[N]`` float32."""
     return torch.rand(num_visual, generator=generator, dtype=torch.float64).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class DecisionContext:
+    """[scoring.scorer] Everything a scorer may read at one decision of one sample.
+
+    Attributes:
+        layer: the decision layer ``d``.
+        states: ``[T_b, D]`` the hidden states entering layer ``d`` (deferred rows stale).
+        previous_states: ``[T_b, D]`` those entering layer ``d-1`` ([scoring.probe.variant-layer]).
+        keys: positions of the probe sequence, ascending ([scoring.probe.input]).
+        queries: positions of the query rows; empty for a scorer that runs no probe.
+        visual: the sample's visual positions ``V``.
+        generator: the sample's seeded CPU generator ([scoring.scorer.random]).
+        score_dtype: float32, or float64 in a float64 reference ([scoring.probe.softmax]).
+        scorer: the scorer's configuration.
+    """
+
+    host: Host
+    layer: int
+    states: torch.Tensor
+    previous_states: torch.Tensor
+    keys: tuple[int, ...]
+    queries: tuple[int, ...]
+    visual: tuple[int, ...]
+    generator: torch.Generator
+    score_dtype: torch.dtype
+    scorer: Scorer
+
+
+class ScoringMethod(Protocol):
+    """How a decision ranks the pool: ``[N]`` scores from a ``DecisionContext`` (float32 or the score dtype).
+
+    ``probes`` says whether it runs the attention probe: then the context carries query rows and the
+    decision records the probe's size ([budget.flops.probe]).
+    """
+
+    probes: bool
+
+    def __call__(self, context: DecisionContext) -> torch.Tensor: ...
+
+
+SCORERS: dict[str, ScoringMethod] = {}  # Scorer.kind -> the scorer
+
+
+def register_scorer(kind: str) -> Callable[[type], type]:
+    """Class decorator: an instance of the class becomes the scorer of ``Scorer.kind == kind``."""
+
+    def register(cls: type) -> type:
+        SCORERS[kind] = cls()
+        return cls
+
+    return register
+
+
+def scoring_method(kind: str) -> ScoringMethod:
+    """[scoring.scorer] The registered scorer of ``kind``; an unknown kind is an error naming it."""
+    if kind not in SCORERS:
+        raise RoutingError(
+            "scoring.scorer", f"scorer kind {kind!r} is not registered; registered: {', '.join(SCORERS)}"
+        )
+    return SCORERS[kind]
+
+
+@register_scorer("attention")
+class AttentionProbe:
+    """[scoring.probe.head-mean] [scoring.probe.variant-layer] The attention probe of layer d (or d-1)."""
+
+    probes = True
+
+    def __call__(self, context: DecisionContext) -> torch.Tensor:
+        host = context.host
+        if context.scorer.probe_layer == "previous":
+            layer, states = host.layers[context.layer - 1], context.previous_states
+        else:
+            layer, states = host.layers[context.layer], context.states
+        return attention_scores(
+            host, layer, states, context.keys, context.queries, context.visual, context.score_dtype
+        )
+
+
+@register_scorer("random")
+class RandomBaseline:
+    """[scoring.scorer.random] The seeded random baseline: one draw of the sample's generator, no probe."""
+
+    probes = False
+
+    def __call__(self, context: DecisionContext) -> torch.Tensor:
+        return random_scores(context.generator, len(context.visual))

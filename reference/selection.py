@@ -11,6 +11,10 @@ import torch
 
 from .schedule import RoutingError
 
+# forced_selection[b][s]: the visual indices (0..N_b-1) sample b selects at decision s. The one definition:
+# the reference, the optimized path and the conformance protocol all import it from here.
+ForcedSelection = Sequence[Sequence[Sequence[int]]]
+
 
 def candidate_pool(policy: str, num_visual: int, previous: Sequence[int] | None) -> tuple[int, ...]:
     """[selection.pool] The visual indices eligible at a decision.
@@ -46,3 +50,18 @@ def select_topk(scores: torch.Tensor, pool: Sequence[int], k: int) -> tuple[int,
     values = scores.tolist()
     ranked = sorted(pool, key=lambda i: (-values[i], i))
     return tuple(sorted(ranked[:k]))
+
+
+def forced_choice(forced: Sequence[int], pool: Sequence[int], k: int, layer: int) -> tuple[int, ...]:
+    """[selection.pool] A forced selection, ascending, once checked to be ``k`` distinct tokens of the pool.
+
+    Args:
+        forced: the visual indices a caller forces at the decision of decision layer ``layer``.
+    """
+    chosen = tuple(sorted(forced))
+    if len(set(chosen)) != k or not set(chosen) <= set(pool):
+        raise RoutingError(
+            "selection.pool",
+            f"forced selection {list(chosen)} at decision layer {layer} is not {k} distinct tokens of the pool",
+        )
+    return chosen

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads stall badly on a shared, oversubscribed CPU.
+
+    Module-scoped; a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

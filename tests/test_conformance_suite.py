@@ -35,14 +35,7 @@ from rerouting.reference import RoutingConfig, Schedule, Trace
 from rerouting.reference.compat import call_layer
 from rerouting.reference.host import causal_mask as true_causal_mask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU models: intra-op threads only add OpenMP barrier stalls on shared cores (as the suite's plugin does)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 HOST = HostSpec(
@@ -147,6 +140,7 @@ class ProbeRunsWholeLayer(Patched):
     """The probe runs the decision layer's full forward (as hook-based toolkits do) and discards it."""
 
     name, attr = "probe-runs-whole-layer", "attention_scores"
+    module = "rerouting.reference.scoring"  # the registered attention scorer calls it from there
 
     def replacement(self, original):
         def attention_scores(host, layer, hidden, keys, queries, visual, score_dtype):
@@ -162,7 +156,7 @@ class ProbeRunsWholeLayer(Patched):
 class JitteredScores(Patched):
     """Scores times (1 + eps·r), r ~ U(-1, 1), then the top-k of those: a conforming implementation for small eps."""
 
-    attr = "attention_scores"
+    module, attr = "rerouting.reference.scoring", "attention_scores"
 
     def __init__(self, eps: float):
         super().__init__()

@@ -30,13 +30,7 @@ MULTI = Schedule((1, 3, 4), (0.5, 0.5, 0.25))
 SPECS = [SampleSpec((5, 3)), SampleSpec((2, 4, 6)), SampleSpec((9,)), SampleSpec((1, 1))]  # 1, 2, 0, 1 images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads stall badly on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def repad(batch: dict, right: list[bool]) -> dict:
