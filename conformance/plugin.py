@@ -193,20 +193,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     yield
 
 
+def _properties(rep) -> dict:
+    return dict(getattr(rep, "user_properties", ()))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     """List every skip with its reason and rules, and every failure with the rule it broke."""
     skipped = terminalreporter.stats.get("skipped", [])
     failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
-    suite = [r for r in skipped + failed if "conformance" in r.nodeid or dict(r.user_properties).get("rules")]
+    # a collection error's report (CollectReport) has no user_properties
+    suite = [r for r in skipped + failed if "conformance" in r.nodeid or _properties(r).get("rules")]
     if not suite:
         return
     terminalreporter.section("rerouting conformance")
     for rep in skipped:
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-        rules = dict(rep.user_properties).get("rules", [])
+        rules = _properties(rep).get("rules", [])
         terminalreporter.write_line(f"SKIPPED {rep.nodeid} [{', '.join(rules)}]: {reason}")
     for rep in failed:
-        props = dict(rep.user_properties)
+        props = _properties(rep)
         failure = props.get("failure") or report.parse_marker(getattr(rep, "longreprtext", ""))
         broken = failure.get("rule") or failure.get("capability") or failure.get("type", "error")
         terminalreporter.write_line(

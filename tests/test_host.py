@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rerouting.reference import HOSTS, Host, ImageSpan, LlavaHost, RoutingError, host_for, register_host
-from rerouting.tiny import SampleSpec, make_batch
+from rerouting.reference.tiny import SampleSpec, make_batch
 
 
 @pytest.mark.spec("routing.errors")
