@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rerouting.optimized.routing as optimized_routing
-from rerouting.conformance.tolerance import assert_close
+from rerouting.conformance.oracle.tolerance import assert_close
 from rerouting.optimized import decode_step, greedy_generate, routed_prefill
 from rerouting.optimized.packing import block_mask, pack, stage_mask
 from rerouting.optimized.routing import check_host
