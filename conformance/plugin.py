@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, Phase, settings
 
 from . import report
 from .impls import ENV_VAR, load_impl
+from .oracle.strategies import DTYPES, SETTINGS
 from .rules import rules_of
-from .strategies import DTYPES, SETTINGS
 
 _SUITE_DIR = Path(__file__).resolve().parent
 _SLOW_OK = [

@@ -3,7 +3,7 @@
 The analytic budget (``rerouting.reference.budget``) is computed from the implementation's trace.
 "What actually ran" is measured three ways: the implementation's real KV tensors (entries and bytes),
 FlopCounterMode around the live prefill, and fvcore on each recorded decoder-layer call replayed
-alone (see :mod:`rerouting.conformance.flops`). All comparisons are exact, as integers. FLOP
+alone (see :mod:`rerouting.conformance.oracle.flops`). All comparisons are exact, as integers. FLOP
 counts are per sample, so the FLOP properties run batches of one.
 """
 
@@ -17,10 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from rerouting.conformance.flops import flop_counter, fvcore_count, fvcore_layer_call, record_layer_calls
 from rerouting.conformance.oracle import check_structure, observe, run_check, run_decode
+from rerouting.conformance.oracle.flops import (
+    flop_counter,
+    fvcore_count,
+    fvcore_layer_call,
+    record_layer_calls,
+)
+from rerouting.conformance.oracle.strategies import draw_case, layouts
 from rerouting.conformance.protocol import check, fail
-from rerouting.conformance.strategies import draw_case, layouts
 from rerouting.reference import preset
 from rerouting.reference.archs import ArchSpec
 from rerouting.reference.budget import budget_from_trace, schedule_trace

@@ -19,8 +19,8 @@ from rerouting.conformance.oracle import (
     run_check,
     run_decode,
 )
+from rerouting.conformance.oracle.strategies import draw_case
 from rerouting.conformance.protocol import check
-from rerouting.conformance.strategies import draw_case
 
 
 def check_contents(impl, case):

@@ -18,9 +18,9 @@ from rerouting.conformance.oracle import (
     observe,
     run_check,
 )
+from rerouting.conformance.oracle.strategies import draw_case, layouts, sample_inputs
+from rerouting.conformance.oracle.tolerance import compare
 from rerouting.conformance.protocol import check
-from rerouting.conformance.strategies import draw_case, layouts, sample_inputs
-from rerouting.conformance.tolerance import compare
 
 
 def check_sequence(impl, case):

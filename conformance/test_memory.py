@@ -21,10 +21,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rerouting.conformance.memory import NvmlSampler, nvml_unavailable_reason
 from rerouting.conformance.oracle import run_check
+from rerouting.conformance.oracle.memory import NvmlSampler, nvml_unavailable_reason
+from rerouting.conformance.oracle.strategies import Case, HostSpec, Layout
 from rerouting.conformance.protocol import check
-from rerouting.conformance.strategies import Case, HostSpec, Layout
 from rerouting.reference import RoutingConfig, Schedule
 
 SLACK = 2 * 20 * 2**20

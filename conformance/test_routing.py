@@ -21,8 +21,8 @@ from rerouting.conformance.oracle import (
     observe,
     run_check,
 )
+from rerouting.conformance.oracle.strategies import HostSpec, build_model, draw_case, hosts, layouts
 from rerouting.conformance.protocol import check, fail
-from rerouting.conformance.strategies import HostSpec, build_model, draw_case, hosts, layouts
 
 
 def _forward(impl, case, rule, *, positions=None, kv=True):

@@ -17,8 +17,7 @@ from rerouting.conformance.oracle import (
     observe,
     run_check,
 )
-from rerouting.conformance.protocol import check
-from rerouting.conformance.strategies import (
+from rerouting.conformance.oracle.strategies import (
     SETTINGS,
     Case,
     HostSpec,
@@ -28,6 +27,7 @@ from rerouting.conformance.strategies import (
     layouts,
     presets,
 )
+from rerouting.conformance.protocol import check
 from rerouting.reference import PRESETS, RoutingError, Schedule, preset
 
 

@@ -18,8 +18,7 @@ from rerouting.conformance.oracle import (
     run_check,
     score_tolerance,
 )
-from rerouting.conformance.protocol import check
-from rerouting.conformance.strategies import (
+from rerouting.conformance.oracle.strategies import (
     SETTINGS,
     Case,
     HostSpec,
@@ -29,6 +28,7 @@ from rerouting.conformance.strategies import (
     layouts,
     scorers,
 )
+from rerouting.conformance.protocol import check
 from rerouting.reference import RoutingConfig, RoutingError, Schedule, Scorer
 
 

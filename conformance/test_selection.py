@@ -15,7 +15,7 @@ from rerouting.conformance.oracle import (
     observe,
     run_check,
 )
-from rerouting.conformance.strategies import draw_case, hosts
+from rerouting.conformance.oracle.strategies import draw_case, hosts
 
 
 def check_pool(impl, case):

@@ -1,6 +1,6 @@
 """The ``rerouting`` command line: one sub-command per job, each implemented where its work lives.
 
-rerouting audit    budget audit report (rerouting.conformance.audit)
+rerouting audit    budget audit report (rerouting.conformance.audit.cli)
 rerouting conform  conformance suite against an implementation (rerouting.conformance.cli)
 rerouting bench    speed and memory benchmark of the optimized path (rerouting.optimized.bench)
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "audit": (
-        "rerouting.conformance.audit",
+        "rerouting.conformance.audit.cli",
         "budget audit (TFLOPs, KV cache, average tokens) into report.md/json",
     ),
     "conform": ("rerouting.conformance.cli", "run the conformance suite against an implementation"),

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rerouting.conformance.tolerance import assert_close
+from rerouting.conformance.oracle.tolerance import assert_close
 from rerouting.reference import Reference, RoutingConfig, Schedule, decode_step, greedy_generate
 from rerouting.reference.compat import output_cache
 

@@ -19,8 +19,8 @@ import torch
 
 from rerouting.conformance.cli import main as conform
 from rerouting.conformance.impls import Checked, ReferenceImpl
+from rerouting.conformance.oracle.strategies import Case, HostSpec, Layout
 from rerouting.conformance.protocol import CapabilityMissing, ConformanceFailure, LayerKV
-from rerouting.conformance.strategies import Case, HostSpec, Layout
 from rerouting.conformance.test_budget import check_flops_true, check_kv_bytes
 from rerouting.conformance.test_cache import check_decode_positions
 from rerouting.conformance.test_routing import (

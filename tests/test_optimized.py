@@ -1,7 +1,7 @@
 """The optimized path against the reference on tiny random LLaVA models (spec/routing.md, spec/cache.md).
 
 Truth is the reference in float64 on the same model, the yardstick the reference in float32; errors are held
-to the derived tolerance of conformance/tolerance.py. Decisions are compared exactly (the tiny models' widened
+to the derived tolerance of conformance/oracle/tolerance.py. Decisions are compared exactly (the tiny models' widened
 q/k weights keep the probe far from ties).
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rerouting.optimized.routing as optimized_routing
-from rerouting.conformance.tolerance import assert_close
+from rerouting.conformance.oracle.tolerance import assert_close
 from rerouting.optimized import decode_step, greedy_generate, routed_prefill
 from rerouting.optimized.packing import block_mask, pack, stage_mask
 from rerouting.optimized.routing import check_host

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rerouting.reference.routing as reference_routing
-from rerouting.conformance.tolerance import assert_close
+from rerouting.conformance.oracle.tolerance import assert_close
 from rerouting.reference import Reference, RoutingConfig, RoutingError, Schedule
 from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
 

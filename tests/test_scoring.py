@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rerouting.conformance.tolerance import assert_close
+from rerouting.conformance.oracle.tolerance import assert_close
 from rerouting.reference import Reference, RoutingConfig, RoutingError, Schedule, Scorer
 from rerouting.reference.tiny import SampleSpec, make_batch
 

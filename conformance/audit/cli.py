@@ -1,48 +1,27 @@
-"""``rerouting audit``: the budget audit of routing schedules on a real architecture (spec/budget.md).
+"""``rerouting audit`` command line: the options (argparse) and ``main``.
 
-With no argument it audits the LLaVA-1.5-7B architecture (embedded config, built on the meta device,
-no weights) under the Reroute release's schedules (``fastv_K3``, ``ours_vs_fastv``, ``pdrop_earlyL2``,
-``ours_vs_pdrop`` at the 192/128/64 tiers), each under both policies, at N = 576 visual and
-M = 64 text tokens; checks the matched-budget solver against the release's hand-solved ratios; and
-runs one real routed prefill through a tiny random LLaVA with the reference implementation, so the
-report also shows a real trace. It writes ``report.md``, ``report.json``, ``report.tex`` (plus the
-bare table ``report-table.tex``) and PNG plots into ``--out`` and prints a summary table.
-
-Every count comes from a Trace (``schedule_trace`` for the real-size architecture, the reference
-router for the tiny model) through ``budget_from_trace`` ([budget.active-counts]). See docs/audit.md.
+``main`` parses and checks the options here, without torch; the computations (``core``) and the writers
+load torch, transformers and matplotlib only once the options are valid.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SCHEMA_VERSION = "1.0"
-DEFAULT_MODEL = "llava-1.5-7b"
-DEFAULT_VISUAL = (
-    576  # LLaVA-1.5: 24×24 patches of a 336-px image; used when the config has no image_seq_length
+from .common import (
+    CONVENTIONS,
+    DEFAULT_MODEL,
+    DEFAULT_OUT,
+    DEFAULT_TEXT,
+    KV_DTYPE_NAMES,
+    POLICY_CHOICES,
+    Progress,
+    embedded_models,
 )
-DEFAULT_TEXT = 64  # a short LLaVA-1.5 prompt: ~35 system/template tokens + a one-line question
-DEFAULT_OUT = "rerouting-audit"
-LABEL_TOLERANCE = 0.01  # flag a schedule whose realized avg_T misses its label by more than 1 %
-CONVENTIONS = ("true", "fastv", "pdrop", "nuwa")
-POLICY_CHOICES = ("remove", "reroute", "both")
-KV_DTYPE_NAMES = ("float16", "bfloat16", "float32")
-
-
-def embedded_models() -> tuple[str, ...]:
-    """Names of the embedded architectures (reference/archs/*.json), found without importing torch."""
-    spec = importlib.util.find_spec("rerouting.reference")
-    if spec is None or not spec.submodule_search_locations:
-        return ()
-    folder = Path(next(iter(spec.submodule_search_locations))) / "archs"
-    return tuple(sorted(p.stem for p in folder.glob("*.json")))
-
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -75,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
         """The epilog lists the presets, which needs the reference package (torch): built only for --help."""
         from rerouting.reference.schedule import PRESETS
 
-        from .audit_inputs import SCHEDULE_GROUPS
+        from .inputs import SCHEDULE_GROUPS
 
         self.epilog = (
             f"presets: {', '.join(sorted(PRESETS))}\n"
@@ -219,21 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Progress:
-    """Progress lines on stderr, with the elapsed time."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            print(f"audit [{self.elapsed():5.1f}s] {message}", file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``rerouting audit [options]``: 0 on success, 2 on a bad input (message on stderr, no traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -253,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress("loading torch and transformers")
     from rerouting.reference.schedule import RoutingError
 
-    from .audit_core import run_audit, write_outputs
-    from .audit_inputs import AuditError
+    from .core import run_audit, write_outputs
+    from .inputs import AuditError
 
     try:
         report = run_audit(args, argv, progress)
@@ -265,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"rerouting audit: error: cannot write to --out {args.out!r}: {error}", file=sys.stderr)
         return 2
-    from .audit_report import summary_table
+    from .stdout import summary_table
 
     try:
         print(summary_table(report), flush=True)
@@ -279,17 +243,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-__all__ = [
-    "CONVENTIONS",
-    "DEFAULT_MODEL",
-    "DEFAULT_OUT",
-    "DEFAULT_TEXT",
-    "DEFAULT_VISUAL",
-    "LABEL_TOLERANCE",
-    "SCHEMA_VERSION",
-    "build_parser",
-    "embedded_models",
-    "main",
-]

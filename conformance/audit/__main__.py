@@ -1,0 +1,5 @@
+"""``python -m rerouting.conformance.audit``: the same as ``rerouting audit``."""
+
+from .cli import main
+
+raise SystemExit(main())
