@@ -128,11 +128,12 @@ def block_mask(
 
 
 def stage_mask(packing: Packing, implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """[routing.active.causal] The mask of a compact batch, or None where ``is_causal`` is exactly right.
+    """[routing.active.causal] The mask of a compact batch, or None where an explicit ``is_causal`` is exact.
 
-    ``is_causal`` (SDPA's own lower-triangular mask, used by the host's attention when the mask is None) is
-    exact when no sample is padded: compact rows are in ascending original position, so "key row <= query
-    row" is "key position <= query position". Eager attention has no implicit causal mask: always explicit.
+    SDPA's ``is_causal`` (its own lower-triangular mask) is exact when no sample is padded: compact rows are
+    in ascending original position, so "key row <= query row" is "key position <= query position". A None
+    mask is passed together with ``is_causal=True`` (``compat.call_layer`` refuses it otherwise), never left
+    for the host to read as causal. Eager attention has no causal request: always an explicit mask.
     """
     if implementation == "sdpa" and packing.exact:
         return None

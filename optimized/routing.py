@@ -238,6 +238,7 @@ class _Prefill:
             position_ids=self.packing.index,
             position_embeddings=self.rotary,
             cache=self.cache,
+            is_causal=self.mask is None,  # stage_mask: None only where SDPA's is_causal is exact
         )  # [B, n, D]
         self.synced = False
 

@@ -75,14 +75,33 @@ def call_layer(
     position_ids: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     cache: Any | None,
+    is_causal: bool = False,
 ) -> torch.Tensor:
-    """Run a host decoder layer on ``hidden`` ``[B, n, D]``, storing its K/V in ``cache`` when one is given."""
+    """[routing.active.causal] Run a host decoder layer on ``hidden`` ``[B, n, D]``, storing its K/V in ``cache``.
+
+    Causality is always stated: an explicit ``attention_mask``, or ``attention_mask=None`` with
+    ``is_causal=True``, an explicit causal request to SDPA (exact over an unpadded sequence in ascending
+    position). A missing mask is never left for a backend to interpret: without the request, or under a
+    kernel other than SDPA, it is an error (a single query row needs neither: it sees every entry).
+    """
+    if attention_mask is None and hidden.shape[1] > 1:
+        kernel = getattr(
+            getattr(getattr(layer, "self_attn", None), "config", None), "_attn_implementation", None
+        )
+        if not is_causal or kernel != "sdpa":
+            raise RoutingError(
+                "routing.active.causal",
+                f"a layer call over {hidden.shape[1]} rows without a mask needs is_causal=True under sdpa "
+                f"(got is_causal={is_causal}, attention implementation {kernel!r})",
+            )
+    causal = {"is_causal": True} if attention_mask is None and is_causal else {}
     return layer(
         hidden,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=cache is not None,
         position_embeddings=position_embeddings,
+        **causal,
         **{layer_cache_argument(type(layer)): cache},
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import os
 import subprocess
@@ -19,7 +20,7 @@ import rerouting.conformance
 import rerouting.optimized
 import rerouting.reference
 from rerouting.optimized import greedy_generate, route
-from rerouting.reference import RoutingConfig, RoutingError, Schedule
+from rerouting.reference import RoutingConfig, RoutingError, Schedule, host_for
 from rerouting.reference.compat import (
     SUPPORTED_TRANSFORMERS,
     check_transformers,
@@ -137,3 +138,27 @@ def test_ci_runs_the_readme_test_command_and_the_floor():
     (pin,) = [next(iter(r.specifier)) for r in pins if r.name == "transformers"]
     (floor,) = [s.version for s in SUPPORTED_TRANSFORMERS if s.operator == ">="]
     assert pin.operator == "==" and Version(pin.version) == Version(floor)
+
+
+@pytest.mark.spec("routing.active.causal")
+def test_a_missing_mask_is_an_explicit_causal_request_or_an_error(llava):
+    """``attention_mask=None`` is allowed only with ``is_causal=True`` under SDPA, and then equals the mask."""
+    from rerouting.reference.compat import call_layer
+    from rerouting.reference.host import attention_implementation, causal_mask
+
+    layer, host = llava.model.language_model.layers[1], host_for(llava)
+    x = torch.randn(1, 5, llava.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(5)[None]
+    rotary = host.rotary_embeddings(x, positions)
+    run = functools.partial(
+        call_layer, layer, x, position_ids=positions, position_embeddings=rotary, cache=None
+    )
+    with torch.no_grad(), attention_implementation(llava, "sdpa"):
+        explicit = run(attention_mask=causal_mask(positions[0], positions[0], x.dtype))
+        requested = run(attention_mask=None, is_causal=True)
+        with pytest.raises(RoutingError, match=r"needs is_causal=True under sdpa .*routing.active.causal"):
+            run(attention_mask=None)
+    torch.testing.assert_close(requested, explicit)  # same kernel family, same semantics
+    eager = attention_implementation(llava, "eager")
+    with torch.no_grad(), eager, pytest.raises(RoutingError, match=r"attention implementation 'eager'"):
+        run(attention_mask=None, is_causal=True)
