@@ -17,6 +17,17 @@ import time
 from pathlib import Path
 
 PROFILES = ("ci", "dev", "nightly")
+REPORT_FILES = ("report.json", "report.md")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: a property needs at least 1 example")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="reference, optimized or package.module:object (default $REROUTING_IMPL, else reference)",
     )
-    parser.add_argument("--max-examples", type=int, default=None, help="Hypothesis examples per property")
+    parser.add_argument(
+        "--max-examples", type=_at_least_one, default=None, help="Hypothesis examples per property (>= 1)"
+    )
     parser.add_argument("--out", default="rerouting-conform", help="folder for report.json and report.md")
     parser.add_argument(
         "--profile",
@@ -58,7 +71,12 @@ def _plugin_autoloaded() -> bool:
 
 def pytest_arguments(options: argparse.Namespace) -> list[str]:
     args = [] if _plugin_autoloaded() else ["-p", PLUGIN]
-    args += ["--pyargs", "rerouting.conformance", "-q", "-p", "no:cacheprovider"]
+    args += [
+        "--pyargs",
+        "rerouting.conformance",
+        "-p",
+        "no:cacheprovider",
+    ]  # not -q: the header says what runs
     args += ["--report-dir", str(Path(options.out).resolve())]
     if options.impl:
         args += ["--impl", options.impl]
@@ -81,14 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite; return pytest's exit code. ``argv`` excludes the program name (and ``conform``)."""
     import pytest
 
+    from .impls import ImplementationError, check_impl
+
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:  # before pytest starts: one line, not a traceback per test
+        check_impl(options.impl)
+    except ImplementationError as error:
+        print(f"rerouting conform: {error}", file=sys.stderr)
+        return 2
+    out = Path(options.out)
+    for name in REPORT_FILES:  # an earlier run's report must never pass for this run's
+        (out / name).unlink(missing_ok=True)
     args = pytest_arguments(options)
     started = time.time()
     code = int(pytest.main(args))
-    out = Path(options.out)
     print(f"rerouting conform: exit {code} in {time.time() - started:.1f} s; pytest {shlex.join(args)}")
-    if (out / "report.md").exists():
+    if all((out / name).exists() for name in REPORT_FILES):
         print(f"report: {out / 'report.md'} and {out / 'report.json'}")
+    else:
+        print(f"no report: the run stopped before its tests ran (exit {code})")
     return code
 
 

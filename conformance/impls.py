@@ -291,8 +291,43 @@ def _resolve(spec: str) -> tuple[Any, str]:
     return obj, getattr(obj, "name", None) or spec
 
 
+class ImplementationError(ValueError):
+    """``--impl`` names nothing importable, or an object that does not follow the ``Implementation`` protocol."""
+
+
 def load_impl(spec: str | None = None) -> Checked:
     """The implementation named by ``spec`` (default: ``$REROUTING_IMPL``, else ``reference``), wrapped."""
     spec = spec or os.environ.get(ENV_VAR) or "reference"
     obj, name = _resolve(spec)
     return Checked(obj, name, spec)
+
+
+def check_impl(spec: str | None = None) -> Checked:
+    """Load ``spec`` and check it against ``rerouting.conformance.protocol.Implementation`` before any test runs.
+
+    Raises :class:`ImplementationError` with one message naming the object and what is missing: nothing
+    importable, or no callable ``prefill`` (the one method every check needs; a missing ``decode_step``
+    is a capability, reported by name by the checks that need it).
+    """
+    spec = spec or os.environ.get(ENV_VAR) or "reference"
+    try:
+        checked = load_impl(spec)
+    except ImplementationError:
+        raise
+    except (ImportError, AttributeError, ValueError, TypeError) as error:
+        raise ImplementationError(
+            f"--impl {spec!r} cannot be loaded: {type(error).__name__}: {error}"
+        ) from error
+    if not callable(getattr(checked.impl, "prefill", None)):
+        raise ImplementationError(
+            f"--impl {spec!r} is {type(checked.impl).__name__} {checked.impl!r:.80}, which has no prefill(model, "
+            "config, input_ids, attention_mask, pixel_values, *, forced_selection=None) method "
+            "(see rerouting.conformance.protocol.Implementation)"
+        )
+    return checked
+
+
+def missing_capabilities(checked: Checked) -> list[str]:
+    """Optional parts of the protocol the implementation lacks (their checks fail by name)."""
+    missing = [] if callable(getattr(checked.impl, "decode_step", None)) else ["decode_step"]
+    return missing + ([] if checked._has_forced else ["forced_selection"])

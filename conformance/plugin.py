@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from . import report
-from .impls import ENV_VAR, load_impl
+from . import progress, report
+from .impls import ENV_VAR, ImplementationError, check_impl, load_impl, missing_capabilities
 from .oracle.strategies import DTYPES, SETTINGS
 from .rules import rules_of
 
@@ -41,7 +41,7 @@ DEFAULT_DTYPES = "float32,bfloat16"  # full precision and the low-precision tole
 PROFILES = {
     # CI: reproducible (derandomize; no database), no deadline (the first example builds models), few examples.
     "ci": settings(
-        max_examples=15,  # ~80 s for the whole suite on 2 shared CPU cores, float32 + bfloat16
+        max_examples=15,  # 80-140 s for the whole suite on 2 shared CPU cores, float32 + bfloat16
         derandomize=True,
         deadline=None,
         database=None,
@@ -109,7 +109,7 @@ def _options(config: pytest.Config) -> dict:
 def _profile(config: pytest.Config) -> str:
     name = config.getoption("hypothesis_profile", None) or ("ci" if _in_ci() else "dev")
     count = config.getoption("max_examples")
-    if count:
+    if count is not None:
         derived = f"{name}-max{count}"
         settings.register_profile(derived, settings.get_profile(name), max_examples=count)
         return derived
@@ -123,6 +123,17 @@ def pytest_configure(config: pytest.Config) -> None:
     SETTINGS.dtypes, SETTINGS.device = options["dtypes"], options["device"]
     config._rerouting_options = options
     if _targets_suite(config):  # before collection: @given captures the default settings when decorating
+        count = config.getoption("max_examples")
+        if count is not None and count < 1:
+            raise pytest.UsageError(f"--max-examples {count}: a property needs at least 1 example")
+        try:  # one clear error before any test runs, not one traceback per test
+            config._rerouting_impl = check_impl(options["impl"])
+        except ImplementationError as error:
+            raise pytest.UsageError(str(error)) from None
+        if not hasattr(config, "workerinput"):
+            config.pluginmanager.register(
+                progress.Progress(config, _is_suite_item), "rerouting-conformance-progress"
+            )
         settings.load_profile(_profile(config))
         # Tiny CPU models gain nothing from intra-op threads, and OpenMP barriers stall for seconds
         # when the cores are shared (measured: 0.04 s vs 8 s per example on 2 busy cores).
@@ -161,17 +172,24 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     options = getattr(config, "_rerouting_options", None) or _options(config)
     env = {k: v for k, v in os.environ.items() if k.startswith("REROUTING_") or k == "CI"}
     profile = _profile(config)
-    return [
+    lines = [
         f"rerouting conformance: impl={options['impl']} profile={profile} "
         f"max_examples={settings.get_profile(profile).max_examples} dtypes={','.join(options['dtypes'])} "
         f"device={options['device']} env={env}"
     ]
+    checked = getattr(config, "_rerouting_impl", None)
+    if checked is not None and missing_capabilities(checked):
+        lines.append(
+            f"  not implemented (their checks fail by name): {', '.join(missing_capabilities(checked))}"
+        )
+    return lines
 
 
 @pytest.fixture(scope="session")
 def impl(request: pytest.FixtureRequest):
     """The implementation under test (``--impl``), wrapped so missing capabilities fail by name."""
-    return load_impl(request.config._rerouting_options["impl"])
+    checked = getattr(request.config, "_rerouting_impl", None)
+    return checked if checked is not None else load_impl(request.config._rerouting_options["impl"])
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -125,16 +125,17 @@ def build_report(results: list[TestResult], meta: dict[str, Any]) -> dict[str, A
         r: {"file": f, "tests": [], "examples": 0, "status": "not run"} for r, f in defined.items()
     }
     # A rule failed if any of its tests failed, passed if one passed (a skipped GPU-only test does not
-    # undo the CPU tests of the same rule), skipped if all its tests were skipped.
-    rank = {"not run": 0, "skipped": 1, "passed": 2, "failed": 3}
+    # undo the CPU tests of the same rule), "error" if its tests only errored (setup, not a check: nothing
+    # was checked), skipped if all its tests were skipped.
+    rank = {"not run": 0, "skipped": 1, "error": 2, "passed": 3, "failed": 4}
     for result in results:
         for rule in result.rules:
             entry = rules.setdefault(rule, {"file": None, "tests": [], "examples": 0, "status": "not run"})
             entry["tests"].append(result.nodeid)
             entry["examples"] += result.examples
-            status = "failed" if result.outcome == "error" else result.outcome
-            if rank[status] > rank[entry["status"]]:
-                entry["status"] = status
+            if rank[result.outcome] > rank[entry["status"]]:
+                entry["status"] = result.outcome
+    checked = {rule for r in results if r.outcome == "passed" for rule in r.rules}  # a test naming it passed
     outcomes = collections.Counter(r.outcome for r in results)
     failures = [
         {"test": r.nodeid, "rules": r.rules, **(r.failure or {})}
@@ -156,7 +157,9 @@ def build_report(results: list[TestResult], meta: dict[str, Any]) -> dict[str, A
             "skipped": outcomes["skipped"],
             "examples": sum(r.examples for r in results),
             "rules_defined": len(defined),
-            "rules_checked": sum(1 for e in rules.values() if e["status"] in ("passed", "failed")),
+            "rules_checked": len(checked & set(defined)),
+            "rules_errored": sorted(r for r, e in rules.items() if e["status"] == "error"),
+            "errored_tests": sorted(r.nodeid for r in results if r.outcome == "error"),
             "rules_failed": sorted(r for r, e in rules.items() if e["status"] == "failed"),
             "rules_broken": sorted(
                 {f["rule"] for f in failures if f.get("rule")}
@@ -187,7 +190,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- tests: {summary['tests']} ({summary['passed']} passed, {summary['failed']} failed, "
         f"{summary['errors']} errors, {summary['skipped']} skipped); examples run: {summary['examples']}",
-        f"- rules: {summary['rules_checked']} of {summary['rules_defined']} checked; "
+        f"- rules: {summary['rules_checked']} of {summary['rules_defined']} checked (a test naming the rule "
+        "passed); "
+        f"errored, not checked: {', '.join(summary['rules_errored']) or 'none'}; "
         f"tests failed for: {', '.join(summary['rules_failed']) or 'none'}; "
         f"broken (named by the failing checks): {', '.join(summary['rules_broken']) or 'none'}; "
         f"not run: {', '.join(summary['rules_not_run']) or 'none'}",
