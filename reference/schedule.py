@@ -64,7 +64,12 @@ class Schedule:
                 )
         for value in self.keep:
             if self.unit == "ratio":
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise RoutingError(
+                        "schedule.keep-ratio",
+                        f"keep ratio {value!r} is not a number (a fraction of N in (0, 1], e.g. 0.5 for 50%)",
+                    )
+                if not (0.0 < value <= 1.0):
                     raise RoutingError("schedule.keep-ratio", f"keep ratio {value!r} is outside (0, 1]")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RoutingError("schedule.keep-count", f"keep count {value!r} is not an integer >= 1")

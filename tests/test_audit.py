@@ -481,10 +481,27 @@ def test_latex_compiles(default_run, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:]
     assert (tmp_path / "report.pdf").stat().st_size > 1000
     wrapper = "\\documentclass{article}\n\\usepackage[landscape]{geometry}\n\\usepackage{booktabs}\n"
-    wrapper += "\\begin{document}\n\\input{report-table}\n\\end{document}\n"
+    wrapper += "\\usepackage{graphicx}\n\\begin{document}\n\\input{report-table}\n\\end{document}\n"
     (tmp_path / "paper.tex").write_text(wrapper)
     result = _pdflatex(tmp_path, "paper.tex")
     assert result.returncode == 0, result.stdout[-2000:]
+
+
+@pytest.mark.spec("budget.flops.true")
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+@pytest.mark.parametrize("table", ["report-table", "report-table-full"])
+@pytest.mark.parametrize("columns", ["onecolumn", "twocolumn"])
+def test_latex_table_fits_a_paper(default_run, tmp_path, table, columns):
+    """``\\input{report-table}`` in a plain one- or two-column article: compiles, no overfull box."""
+    _, out, _ = default_run
+    shutil.copy(out / f"{table}.tex", tmp_path)
+    paper = f"\\documentclass[{columns}]{{article}}\n\\usepackage{{booktabs}}\n\\usepackage{{graphicx}}\n"
+    paper += f"\\begin{{document}}\nText.\n\\input{{{table}}}\n\\end{{document}}\n"
+    (tmp_path / "paper.tex").write_text(paper)
+    result = _pdflatex(tmp_path, "paper.tex")
+    assert result.returncode == 0, result.stdout[-2000:]
+    log = (tmp_path / "paper.log").read_text(errors="replace")
+    assert "Overfull \\hbox" not in log, [line for line in log.splitlines() if "Overfull" in line]
 
 
 # ---------------------------------------------------------------------------------------------

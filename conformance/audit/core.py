@@ -82,6 +82,10 @@ def check_options(args: argparse.Namespace) -> tuple[float, ...] | str:
         )
     if not 0 <= args.decimals <= 8:
         raise AuditError(f"--decimals {args.decimals} must be between 0 and 8")
+    if args.shape != "flat" and not args.target_avg:
+        raise AuditError(
+            f"--shape {args.shape} shapes the solved schedule: it needs --target-avg and --layers"
+        )
     shape = parse_shape(args.shape)
     if shape == "identical":
         raise AuditError("--shape identical: use --identical-to BASELINE --extra-layers L,... for that mode")
@@ -145,7 +149,7 @@ def solver_schedules(
             schedules.append(schedule)
     if args.identical_to is not None:
         extra = parse_layers(args.extra_layers, "--extra-layers")
-        baselines = resolve_schedules([args.identical_to])
+        baselines = resolve_schedules([args.identical_to], option="--identical-to")
         check_fits(baselines, arch, num_visual)
         for baseline in baselines:
             record, schedule = identical_schedule(baseline, extra, arch=arch, num_visual=num_visual)
@@ -373,11 +377,14 @@ def write_outputs(report: dict, out: Path, *, plots: bool, progress: Progress) -
             "json": "report.json",
             "latex": "report.tex",
             "latex_table": "report-table.tex",
+            "latex_table_full": "report-table-full.tex",
         }
     )
     report["files"] = files
     report_md.write_markdown(report, out / files["markdown"])
-    report_tex.write_latex(report, out / files["latex"], out / files["latex_table"])
+    report_tex.write_latex(
+        report, out / files["latex"], out / files["latex_table"], out / files["latex_table_full"]
+    )
     write_json(report, out / files["json"])
     return files
 

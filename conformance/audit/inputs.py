@@ -329,8 +329,11 @@ def load_schedule_file(path: Path) -> list[AuditSchedule]:
     ]
 
 
-def resolve_schedules(values: Sequence[str]) -> list[AuditSchedule]:
-    """Every ``--schedule`` value: a preset name, a group (``release``, ``all``) or a YAML/JSON file."""
+def resolve_schedules(values: Sequence[str], option: str = "--schedule") -> list[AuditSchedule]:
+    """Every ``--schedule`` value: a preset name, a group (``release``, ``all``) or a YAML/JSON file.
+
+    ``option`` is the command-line option the values came from, for the error message.
+    """
     found: list[AuditSchedule] = []
     for value in values:
         if value in PRESETS:
@@ -343,7 +346,7 @@ def resolve_schedules(values: Sequence[str]) -> list[AuditSchedule]:
             looks_like_file = value.lower().endswith((".yaml", ".yml", ".json")) or "/" in value
             what = "no such file" if looks_like_file else "not a preset, a group or an existing file"
             raise AuditError(
-                f"--schedule {value!r}: {what}; valid presets: {', '.join(sorted(PRESETS))}; groups: "
+                f"{option} {value!r}: {what}; valid presets: {', '.join(sorted(PRESETS))}; groups: "
                 f"{', '.join(SCHEDULE_GROUPS)}; or a .yaml/.json schedule file"
             )
     check_unique(found)

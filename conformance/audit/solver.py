@@ -184,6 +184,12 @@ def identical_schedule(
         raise AuditError(
             f"--extra-layers {bad} out of range for {arch.name} with {arch.num_layers} layers (valid: 0..{arch.num_layers - 1})"
         )
+    already = sorted(set(extra) & set(base.layers))
+    if already:
+        raise AuditError(
+            f"--extra-layers {already}: already decision layers of {baseline.name} {list(base.layers)}; "
+            "extra re-scoring layers must be new ones"
+        )
     layers = tuple(sorted(set(base.layers) | set(extra)))
     base_trace = schedule_trace(
         baseline.config, num_text=1, num_visual=num_visual, num_layers=arch.num_layers
