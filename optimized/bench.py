@@ -56,14 +56,9 @@ from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava_config
 
 from .bench_decode import decode_row, decode_table
 from .bench_report import row_line, table
+from .bench_targets import TARGETS, verdict
 from .bench_timing import _pin_mmap_threshold, peak_memory, timed
 from .routing import routed_prefill
-
-TARGETS = {
-    "reroute_over_remove_max": 1.10,
-    "speedup_over_bound_min_at_smallest_tier": 0.7,
-    "optimized_over_reference_min": 4.0,
-}
 
 
 @dataclass(frozen=True)
@@ -142,6 +137,111 @@ def _batch(model, shape: Shape, batch_size: int, device: str, dtype: torch.dtype
     return batch
 
 
+def _against_reference(model, config: RoutingConfig, batch: dict, settings: dict) -> tuple[dict, dict]:
+    """Times and peak memory of the reference reroute and of ``reroute_full``, its optimized twin."""
+    reference, device = Reference(model, config), settings["device"]
+    pair = {
+        "reference": functools.partial(reference.prefill, **batch),
+        "reroute_full": functools.partial(routed_prefill, model, config, **batch),
+    }
+    times = timed(pair, device, settings["reference_repeats"], min(settings["warmup"], 1), settings["clock"])
+    return times, {name: peak_memory(fn, device) for name, fn in pair.items()}
+
+
+def _prefill_row(
+    model, arch: ArchSpec, shape: Shape, batch: dict, k: int, dense: tuple, settings: dict
+) -> dict:
+    """One (batch, k) row: ``dense`` (its forward and peak memory), remove and reroute; the reference at B=1."""
+    device, dtype, batch_size = settings["device"], settings["dtype"], batch["input_ids"].shape[0]
+    configs = schedules(shape, k)
+    fns = {"dense": dense[0]}
+    for policy, config in configs.items():
+        fns[policy] = functools.partial(routed_prefill, model, config, **batch, logits_to_keep=1)
+    times = timed(fns, device, settings["repeats"], settings["warmup"], settings["clock"])
+    memory = {"dense": dense[1], **{p: peak_memory(fns[p], device) for p in configs}}
+    traces = {policy: fns[policy]().trace for policy in configs}
+    counts = {policy: [s.layer_visual_counts for s in t.samples] for policy, t in traces.items()}
+    assert counts["reroute"] == counts["remove"], counts  # same per-layer work by construction
+    budget = {policy: flops(traces[policy], arch, configs[policy]) for policy in configs}
+    bound = budget["reroute"]["dense"] / budget["reroute"]["routed"]
+    ratios = {
+        "reroute_over_remove": times["reroute"]["median_s"] / times["remove"]["median_s"],
+        "reroute_over_remove_flops": (budget["reroute"]["routed"] + budget["reroute"]["probe"])
+        / (budget["remove"]["routed"] + budget["remove"]["probe"]),
+        "dense_over_reroute": times["dense"]["median_s"] / times["reroute"]["median_s"],
+        "flops_bound": bound,
+    }
+    ratios["speedup_over_bound"] = ratios["dense_over_reroute"] / bound
+    # The reference runs on CPU in float32/float64: compare it where it runs the same model.
+    if batch_size == 1 and device == "cpu" and dtype in (torch.float32, torch.float64):
+        reference_times, reference_memory = _against_reference(model, configs["reroute"], batch, settings)
+        times.update(reference_times)
+        memory.update(reference_memory)
+        ratios["reference_over_optimized"] = (
+            times["reference"]["median_s"] / times["reroute_full"]["median_s"]
+        )
+    sample = traces["reroute"].samples[0]
+    return {
+        "batch": batch_size,
+        "k": k,
+        "avg_visual_tokens": avg_visual_tokens(sample.layer_visual_counts),
+        "layer_visual_counts": list(sample.layer_visual_counts),
+        "times": times,
+        "peak_memory_bytes": memory,
+        "flops": budget["reroute"],
+        "flops_remove": budget["remove"],
+        "ratios": ratios,
+    }
+
+
+def _prefill_rows(model, arch: ArchSpec, shape: Shape, batch_size: int, settings: dict, log) -> list[dict]:
+    """Every tier's row at one batch size, the dense forward's peak memory measured once for all."""
+    batch = _batch(model, shape, batch_size, settings["device"], settings["dtype"])
+
+    def dense(batch=batch):
+        with torch.no_grad():
+            return model(**batch, use_cache=True, logits_to_keep=1)
+
+    dense_memory = peak_memory(dense, settings["device"])
+    rows = []
+    for k in shape.tiers:
+        rows.append(_prefill_row(model, arch, shape, batch, k, (dense, dense_memory), settings))
+        log(row_line(rows[-1]))
+    return rows
+
+
+def _record(shape: Shape, arch: ArchSpec, settings: dict, pinned: bool, load_before, rows, decode) -> dict:
+    """The JSON-ready record: the setup (versions, shape, schedules, timing) around the measured rows."""
+    device = settings["device"]
+    return {
+        "device": _device_name(device),
+        "dtype": str(settings["dtype"]).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "shape": {**asdict(shape), "num_visual": shape.num_visual, "prompt_length": shape.prompt_length},
+        "arch": arch.to_dict(),
+        "schedules": {
+            name: {"layers": list(c.schedule.layers), "policy": c.policy, "unit": c.schedule.unit}
+            for name, c in schedules(shape, shape.tiers[-1]).items()
+        },
+        "memory_method": "torch.cuda.max_memory_allocated"
+        if device.startswith("cuda")
+        else f"VmHWM above VmRSS before the call (glibc mmap threshold pinned: {pinned})",
+        "load_average": {"before": load_before, "after": os.getloadavg() if load_before else None},
+        "clock": settings["clock"],
+        "repeats": settings["repeats"],
+        "reference_repeats": settings["reference_repeats"],
+        "warmup": settings["warmup"],
+        "targets": TARGETS,
+        "rows": rows,
+        "decode": decode,
+    }
+
+
 def run(
     shape: Shape,
     *,
@@ -161,120 +261,18 @@ def run(
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     model = build_model(shape, dtype, device)
     arch = ArchSpec.from_model(model)
-    rows = []
-    for batch_size in batches:
-        batch = _batch(model, shape, batch_size, device, dtype)
-
-        def dense(batch=batch):
-            with torch.no_grad():
-                return model(**batch, use_cache=True, logits_to_keep=1)
-
-        dense_memory = peak_memory(dense, device)
-        for k in shape.tiers:
-            configs = schedules(shape, k)
-            fns = {"dense": dense}
-            for policy, config in configs.items():
-                fns[policy] = functools.partial(routed_prefill, model, config, **batch, logits_to_keep=1)
-            times = timed(fns, device, repeats, warmup, clock)
-            memory = {"dense": dense_memory, **{p: peak_memory(fns[p], device) for p in configs}}
-            traces = {policy: fns[policy]().trace for policy in configs}
-            counts = {policy: [s.layer_visual_counts for s in t.samples] for policy, t in traces.items()}
-            assert counts["reroute"] == counts["remove"], counts  # same per-layer work by construction
-            budget = {policy: flops(traces[policy], arch, configs[policy]) for policy in configs}
-            bound = budget["reroute"]["dense"] / budget["reroute"]["routed"]
-            ratios = {
-                "reroute_over_remove": times["reroute"]["median_s"] / times["remove"]["median_s"],
-                "reroute_over_remove_flops": (budget["reroute"]["routed"] + budget["reroute"]["probe"])
-                / (budget["remove"]["routed"] + budget["remove"]["probe"]),
-                "dense_over_reroute": times["dense"]["median_s"] / times["reroute"]["median_s"],
-                "flops_bound": bound,
-            }
-            ratios["speedup_over_bound"] = ratios["dense_over_reroute"] / bound
-            # The reference runs on CPU in float32/float64: compare it where it runs the same model.
-            if batch_size == 1 and device == "cpu" and dtype in (torch.float32, torch.float64):
-                reference = Reference(model, configs["reroute"])
-                pair = {
-                    "reference": functools.partial(reference.prefill, **batch),
-                    "reroute_full": functools.partial(routed_prefill, model, configs["reroute"], **batch),
-                }
-                times.update(timed(pair, device, reference_repeats, min(warmup, 1), clock))
-                memory.update({name: peak_memory(fn, device) for name, fn in pair.items()})
-                ratios["reference_over_optimized"] = (
-                    times["reference"]["median_s"] / times["reroute_full"]["median_s"]
-                )
-            sample = traces["reroute"].samples[0]
-            rows.append(
-                {
-                    "batch": batch_size,
-                    "k": k,
-                    "avg_visual_tokens": avg_visual_tokens(sample.layer_visual_counts),
-                    "layer_visual_counts": list(sample.layer_visual_counts),
-                    "times": times,
-                    "peak_memory_bytes": memory,
-                    "flops": budget["reroute"],
-                    "flops_remove": budget["remove"],
-                    "ratios": ratios,
-                }
-            )
-            log(row_line(rows[-1]))
     timing = {"device": device, "repeats": repeats, "warmup": warmup, "clock": clock}
+    settings = {**timing, "dtype": dtype, "reference_repeats": reference_repeats}
+    rows = [row for b in batches for row in _prefill_rows(model, arch, shape, b, settings, log)]
     decode = []
     for batch_size in decode_batches:
         batch = _batch(model, shape, batch_size, device, dtype)
         for k in shape.tiers:
             decode.append(decode_row(model, schedules(shape, k)["reroute"], batch, decode_steps, timing))
             log(decode_table(decode[-1:]).splitlines()[-1])
-    record = {
-        "device": _device_name(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        "shape": {**asdict(shape), "num_visual": shape.num_visual, "prompt_length": shape.prompt_length},
-        "arch": arch.to_dict(),
-        "schedules": {
-            name: {"layers": list(c.schedule.layers), "policy": c.policy, "unit": c.schedule.unit}
-            for name, c in schedules(shape, shape.tiers[-1]).items()
-        },
-        "memory_method": "torch.cuda.max_memory_allocated"
-        if device.startswith("cuda")
-        else f"VmHWM above VmRSS before the call (glibc mmap threshold pinned: {pinned})",
-        "load_average": {"before": load_before, "after": os.getloadavg() if load_before else None},
-        "clock": clock,
-        "repeats": repeats,
-        "reference_repeats": reference_repeats,
-        "warmup": warmup,
-        "targets": TARGETS,
-        "rows": rows,
-        "decode": decode,
-    }
+    record = _record(shape, arch, settings, pinned, load_before, rows, decode)
     record["verdict"] = verdict(rows)
     return record
-
-
-def verdict(rows: list[dict]) -> dict:
-    """Each target against the measured ratios (worst case over rows)."""
-    smallest = min(row["k"] for row in rows)
-    worst_ratio = max(row["ratios"]["reroute_over_remove"] for row in rows)
-    worst_bound = min(row["ratios"]["speedup_over_bound"] for row in rows if row["k"] == smallest)
-    reference = [
-        row["ratios"]["reference_over_optimized"]
-        for row in rows
-        if "reference_over_optimized" in row["ratios"]
-    ]
-    out = {
-        "reroute_over_remove_worst": worst_ratio,
-        "reroute_over_remove_ok": worst_ratio <= TARGETS["reroute_over_remove_max"],
-        "speedup_over_bound_worst_at_smallest_tier": worst_bound,
-        "speedup_over_bound_ok": worst_bound >= TARGETS["speedup_over_bound_min_at_smallest_tier"],
-    }
-    if reference:
-        out["reference_over_optimized_worst"] = min(reference)
-        out["reference_over_optimized_ok"] = min(reference) >= TARGETS["optimized_over_reference_min"]
-    return out
 
 
 def _device_name(device: str) -> str:

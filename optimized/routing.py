@@ -30,15 +30,13 @@ from rerouting.reference import (
     Trace,
     candidate_pool,
     capped_k,
-    host_for,
 )
 from rerouting.reference.compat import call_layer
-from rerouting.reference.scoring import probe_size, query_rows, random_scores, scoring_method
+from rerouting.reference.scoring import probe_size, query_rows, random_scores
 from rerouting.reference.selection import ForcedSelection, forced_choice
 
 from .cache import RoutedCache
 from .packing import (
-    SUPPORTED_ATTENTION,
     Packing,
     gather_rows,
     inverse,
@@ -47,6 +45,7 @@ from .packing import (
     stage_mask,
     valid_columns,
 )
+from .prefill_checks import FAST_SCORERS, check_attention_implementation, check_host, check_scorer  # noqa: F401
 from .scoring import probe_scores
 from .selection import select_topk
 
@@ -74,43 +73,6 @@ class PrefillResult:
         if self.cache is None:
             return []
         return [self.cache.sample_cache(b) for b in range(len(self.trace.samples))]
-
-
-def check_attention_implementation(host: Host) -> str:
-    """[routing.errors] The decoder's attention implementation, if this path supports it."""
-    name = host.config.get_text_config()._attn_implementation
-    if name not in SUPPORTED_ATTENTION:
-        raise RoutingError(
-            "routing.errors",
-            f"attention implementation {name!r} is not supported by the optimized path; "
-            f"supported: {', '.join(SUPPORTED_ATTENTION)}",
-        )
-    return name
-
-
-# [scoring.scorer] The registry keys (reference/scoring.py SCORERS) this path has a fast implementation for: the
-# attention probe fused and batched over the query rows only (scoring.py), the random baseline drawn per sample.
-FAST_SCORERS = ("attention", "random")
-
-
-def check_scorer(kind: str) -> None:
-    """[scoring.scorer] A scorer kind must be registered and have a fast implementation here."""
-    scoring_method(kind)  # unknown to the registry: an error naming the kind
-    if kind not in FAST_SCORERS:
-        raise RoutingError(
-            "scoring.scorer",
-            f"scorer kind {kind!r} has no fast implementation in the optimized path; "
-            f"fast: {', '.join(FAST_SCORERS)} (use rerouting.reference.Reference)",
-        )
-
-
-def check_host(model: nn.Module, config: RoutingConfig) -> tuple[Host, str]:
-    """[routing.errors] The host adapter and attention implementation, or a ``RoutingError`` naming the value."""
-    host = host_for(model)  # rejects unsupported model classes
-    implementation = check_attention_implementation(host)
-    config.schedule.check_layers(host.num_layers)
-    check_scorer(config.scorer.kind)
-    return host, implementation
 
 
 @dataclass
@@ -144,20 +106,39 @@ class _Prefill:
         use_cache: bool,
         logits_to_keep: int | torch.Tensor,
     ) -> PrefillResult:
-        host, config = self.host, self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        B, T = input_ids.shape
-        embeds = host.embed(input_ids, pixel_values, image_features)  # [B, T, D]
-        layouts = host.layouts(input_ids, attention_mask)
+        embeds = self.host.embed(input_ids, pixel_values, image_features)  # [B, T, D]
+        self._start_samples(input_ids, attention_mask, forced)
+        cols = self._start_buffer(input_ids, attention_mask, embeds, use_cache)  # [B, Tv]
+        decisions, active_visual = self._run_layers(forced)
+        self._sync()
+        hidden, logits = self._outputs(cols, attention_mask, logits_to_keep)
+        trace = self._trace(decisions, active_visual)
+        return PrefillResult(logits=logits, hidden=hidden, cache=self.cache, trace=trace)
+
+    # --- setup ---------------------------------------------------------------------------------------
+    def _start_samples(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, forced: ForcedSelection | None
+    ) -> None:
+        """Every sample's layout and seeded generator; a forced selection must name every sample."""
+        layouts = self.host.layouts(input_ids, attention_mask)
+        B = input_ids.shape[0]
         if forced is not None and len(forced) != B:
             raise RoutingError(
                 "selection.pool", f"forced_selection has {len(forced)} samples, the batch has {B}"
             )
+        seed = self.config.scorer.seed
         self.samples = [
-            _Sample(lay.text, lay.visual, lay.length, torch.Generator().manual_seed(config.scorer.seed))
-            for lay in layouts
+            _Sample(lay.text, lay.visual, lay.length, torch.Generator().manual_seed(seed)) for lay in layouts
         ]
+
+    def _start_buffer(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embeds: torch.Tensor, use_cache: bool
+    ) -> torch.Tensor:
+        """The valid and text masks, visual rows, buffer, cache and dense stage; returns the valid columns."""
+        host = self.host
+        B, T = input_ids.shape
         cols, lengths = valid_columns(attention_mask)  # [B, Tv], [B]
         Tv, device = cols.shape[1], embeds.device
         self.Tv, self.device, self.lengths = Tv, device, lengths
@@ -171,20 +152,26 @@ class _Prefill:
             if s.visual:
                 self.visual_rows[b, : len(s.visual)] = torch.tensor(s.visual, dtype=torch.long)
         self.visual_rows = self.visual_rows.to(device)
-
         # The buffer: every valid token at row = position, then the trash row Tv.
         trash = embeds.new_zeros(B, 1, embeds.shape[-1])
         self.buffer = torch.cat([gather_rows(embeds, cols), trash], dim=1)  # [B, Tv + 1, D]
         self.dense = pack(self.valid)  # [schedule.dense-prefix]: every valid token active
         self.cache = RoutedCache(host.num_layers, lengths, T) if use_cache else None
-        decisions = [[] for _ in self.samples]
-        active_visual = [[] for _ in self.samples]
         self._enter(self.dense, self.buffer[:, :Tv], synced=True)
         self.dense_rotary = self.rotary  # reused by every reroute probe (same positions 0..Tv-1)
+        return cols
+
+    def _run_layers(
+        self, forced: ForcedSelection | None
+    ) -> tuple[list[list[Decision]], list[list[tuple[int, ...]]]]:
+        """Every decoder layer, a decision before each decision layer: per sample, decisions and active sets."""
+        config = self.config
+        decisions: list[list[Decision]] = [[] for _ in self.samples]
+        active_visual: list[list[tuple[int, ...]]] = [[] for _ in self.samples]
         early: torch.Tensor | None = None  # probe_layer="previous": scores computed before layer d-1
         routed = any(s.routed for s in self.samples)
         previous = routed and config.scorer.kind == "attention" and config.scorer.probe_layer == "previous"
-        for index, layer in enumerate(host.layers):
+        for index, layer in enumerate(self.host.layers):
             if routed and index in config.schedule.layers:
                 stage = config.schedule.layers.index(index)
                 for b, decision in enumerate(self._decide(stage, early, forced)):
@@ -196,22 +183,7 @@ class _Prefill:
             for b, s in enumerate(self.samples):
                 active_visual[b].append(tuple(range(len(s.visual))) if s.selected is None else s.selected)
             self._run_layer(index, layer)
-        self._sync()
-        hidden, logits = self._outputs(cols, attention_mask, logits_to_keep)
-        trace = Trace(
-            policy=config.policy,
-            num_layers=host.num_layers,
-            samples=tuple(
-                SampleTrace(
-                    num_text=len(s.text),
-                    visual_positions=s.visual,
-                    decisions=tuple(decisions[b]),
-                    active_visual=tuple(active_visual[b]),
-                )
-                for b, s in enumerate(self.samples)
-            ),
-        )
-        return PrefillResult(logits=logits, hidden=hidden, cache=self.cache, trace=trace)
+        return decisions, active_visual
 
     # --- stage state ---------------------------------------------------------------------------------
     def _enter(self, packing: Packing, x: torch.Tensor, *, synced: bool) -> None:
@@ -351,6 +323,19 @@ class _Prefill:
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.host.logits(hidden[:, keep])  # [B, k, V]
         return hidden, logits.masked_fill(~attention_mask.bool()[:, keep, None], 0)
+
+    def _trace(self, decisions: list[list[Decision]], active_visual: list[list[tuple[int, ...]]]) -> Trace:
+        """The routing record of the batch: per sample its layout, decisions and active visual sets."""
+        samples = tuple(
+            SampleTrace(
+                num_text=len(s.text),
+                visual_positions=s.visual,
+                decisions=tuple(decisions[b]),
+                active_visual=tuple(active_visual[b]),
+            )
+            for b, s in enumerate(self.samples)
+        )
+        return Trace(policy=self.config.policy, num_layers=self.host.num_layers, samples=samples)
 
 
 def routed_prefill(

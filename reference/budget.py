@@ -164,57 +164,82 @@ def budget_from_trace(
             f"trace has {trace.num_layers} layers but architecture {arch.name!r} has {arch.num_layers}",
         )
     no_probe = config is not None and config.scorer.kind == "random"
-    samples = []
-    for sample in trace.samples:
-        if len(sample.active_visual) != trace.num_layers:
-            raise RoutingError(
-                "budget.active-counts",
-                f"sample records {len(sample.active_visual)} layers, trace says {trace.num_layers}",
-            )
-        layers = []
-        for index, (visual, entries) in enumerate(zip(sample.layer_visual_counts, sample.kv_lengths)):
-            tokens = sample.num_text + visual
-            layers.append(
-                LayerBudget(
-                    layer=index,
-                    visual=visual,
-                    tokens=tokens,
-                    flops_true=layer_flops_true(arch, tokens),
-                    macs_fastv=layer_flops_fastv(arch, tokens),
-                    macs_pdrop=layer_flops_pdrop(arch, visual),
-                    flops_nuwa=layer_flops_nuwa(arch, visual),
-                    kv_entries=entries,
-                    kv_bytes=kv_layer_bytes(arch, entries, kv_dtype),
-                )
-            )
-        probes = tuple(
-            ProbeBudget(
-                d.layer,
-                d.stage,
-                d.probe_keys,
-                d.probe_queries,
-                probe_flops(arch, 0, 0) if no_probe else probe_flops(arch, d.probe_keys, d.probe_queries),
-            )
-            for d in sample.decisions
-        )
-        nominal = None
-        if config is not None:
-            nominal = avg_visual_tokens(nominal_visual_counts(config, sample.num_visual, trace.num_layers))
-        samples.append(
-            SampleBudget(
-                num_text=sample.num_text,
-                num_visual=sample.num_visual,
-                routed=sample.routed,
-                layers=tuple(layers),
-                probes=probes,
-                lm_head_flops=lm_head_flops(arch, sample.seq_len),
-                avg_visual_tokens_nominal=nominal,
-            )
-        )
+    samples = tuple(
+        _sample_budget(sample, trace.num_layers, arch, kv_dtype, config, no_probe) for sample in trace.samples
+    )
     return BatchBudget(
         arch=arch,
         policy=trace.policy,
         kv_dtype=kv_dtype,
         kv_decode_growth=kv_decode_growth(arch, kv_dtype),
-        samples=tuple(samples),
+        samples=samples,
+    )
+
+
+def _sample_budget(
+    sample: SampleTrace,
+    num_layers: int,
+    arch: ArchSpec,
+    kv_dtype: torch.dtype,
+    config: RoutingConfig | None,
+    no_probe: bool,
+) -> SampleBudget:
+    """[budget.active-counts] [budget.avg-tokens] One sample's budget: its layers, probes, LM head, nominal avg_T."""
+    if len(sample.active_visual) != num_layers:
+        raise RoutingError(
+            "budget.active-counts",
+            f"sample records {len(sample.active_visual)} layers, trace says {num_layers}",
+        )
+    layers = _layer_budgets(sample, arch, kv_dtype)
+    probes = _probe_budgets(sample, arch, no_probe)
+    nominal = None
+    if config is not None:
+        nominal = avg_visual_tokens(nominal_visual_counts(config, sample.num_visual, num_layers))
+    return SampleBudget(
+        num_text=sample.num_text,
+        num_visual=sample.num_visual,
+        routed=sample.routed,
+        layers=layers,
+        probes=probes,
+        lm_head_flops=lm_head_flops(arch, sample.seq_len),
+        avg_visual_tokens_nominal=nominal,
+    )
+
+
+def _layer_budgets(sample: SampleTrace, arch: ArchSpec, kv_dtype: torch.dtype) -> tuple[LayerBudget, ...]:
+    """[budget.flops.true] [budget.flops.fastv] [budget.flops.pdrop] [budget.flops.nuwa] [budget.kv.entries] [budget.kv.bytes] Per layer.
+
+    Layer l runs visual_l visual tokens (the trace's ``active_visual``) and n_l = M + visual_l in all; the four
+    FLOP conventions over n_l (true, FastV) or visual_l (PDrop, NUWA), the cache entries and their bytes.
+    """
+    layers = []
+    for index, (visual, entries) in enumerate(zip(sample.layer_visual_counts, sample.kv_lengths)):
+        tokens = sample.num_text + visual
+        layers.append(
+            LayerBudget(
+                layer=index,
+                visual=visual,
+                tokens=tokens,
+                flops_true=layer_flops_true(arch, tokens),
+                macs_fastv=layer_flops_fastv(arch, tokens),
+                macs_pdrop=layer_flops_pdrop(arch, visual),
+                flops_nuwa=layer_flops_nuwa(arch, visual),
+                kv_entries=entries,
+                kv_bytes=kv_layer_bytes(arch, entries, kv_dtype),
+            )
+        )
+    return tuple(layers)
+
+
+def _probe_budgets(sample: SampleTrace, arch: ArchSpec, no_probe: bool) -> tuple[ProbeBudget, ...]:
+    """[budget.flops.probe] Per decision the probe from the recorded sizes; zero cost where no probe runs."""
+    return tuple(
+        ProbeBudget(
+            d.layer,
+            d.stage,
+            d.probe_keys,
+            d.probe_queries,
+            probe_flops(arch, 0, 0) if no_probe else probe_flops(arch, d.probe_keys, d.probe_queries),
+        )
+        for d in sample.decisions
     )
