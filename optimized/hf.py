@@ -29,6 +29,7 @@ from rerouting.reference.compat import forward_cache, make_output
 
 from .cache import RoutedCache
 from .decode import decode_step
+from .generate_options import check_generate_options
 from .routing import PrefillResult, check_host, routed_prefill
 
 # forward() arguments the routed path cannot honour: passing them (not None / not False) is an error, never
@@ -56,7 +57,7 @@ class Router:
         check_host(model, config)  # fail at construction: class, attention implementation, schedule
         self.model, self.config = model, config
         self.last_result: PrefillResult | None = None
-        self._saved: tuple[bool, Any] | None = None
+        self._saved: dict[str, tuple[bool, Any]] | None = None
 
     @property
     def last_trace(self) -> Trace | None:
@@ -66,7 +67,9 @@ class Router:
         if self._saved is not None:
             raise RoutingError("routing.errors", "this router is already active; it is not re-entrant")
         model = self.model
-        self._saved = ("forward" in model.__dict__, model.__dict__.get("forward"))
+        self._saved = {
+            name: (name in model.__dict__, model.__dict__.get(name)) for name in ("forward", "generate")
+        }
         original = model.forward  # bound method (or a wrapper already installed by someone else)
         signature = inspect.signature(original)
 
@@ -75,15 +78,22 @@ class Router:
             bound = signature.bind(*args, **kwargs)
             return self._forward(dict(bound.arguments))
 
-        model.forward = forward
+        original_generate = model.generate
+
+        @functools.wraps(original_generate)
+        def generate(*args, **kwargs):
+            check_generate_options(model, kwargs)  # before generate builds caches or assistants
+            return original_generate(*args, **kwargs)
+
+        model.forward, model.generate = forward, generate
         return self
 
     def __exit__(self, *exc_info) -> bool:
-        had_forward, previous = self._saved
-        if had_forward:
-            self.model.forward = previous
-        else:
-            del self.model.forward
+        for name, (had, previous) in self._saved.items():
+            if had:
+                setattr(self.model, name, previous)
+            else:
+                delattr(self.model, name)
         self._saved = None
         return False
 
