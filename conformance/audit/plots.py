@@ -4,11 +4,14 @@
   panel per budget label (schedules claiming the same avg_T side by side), label as a dotted line.
 - ``trace_heatmap.png``: for the traced tiny-LLaVA run, the image's patch grid at each stage, each
   patch coloured selected / re-admitted / deferred / removed; one row per policy.
+
+:func:`plot_trace` draws the same heatmap for a user's own ``Trace`` objects.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
+
+from rerouting.reference.trace import Trace
+
+from .trace import stages_of
 
 STAIRCASE = "visual_tokens_per_layer.png"
 HEATMAP = "trace_heatmap.png"
@@ -133,7 +140,41 @@ def _state_grid(stage: dict, num_visual: int, side: tuple[int, int]) -> list[lis
     return [state[r * cols : (r + 1) * cols] for r in range(rows)]
 
 
+def _draw_stage(ax, stage: dict, run: dict, side: tuple[int, int], cmap: ListedColormap) -> None:
+    """One cell of the heatmap: the patch grid of one stage, each patch's index and probe-score rank."""
+    grid = _state_grid(stage, run["num_visual"], side)
+    ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(STATES) - 0.5)
+    order = sorted(range(run["num_visual"]), key=lambda i: -stage["scores"][i])
+    ranks = {i: n + 1 for n, i in enumerate(order)}
+    for y, row in enumerate(grid):
+        for x, value in enumerate(row):
+            index = y * side[1] + x
+            color = _STATE_TEXT[value]
+            ax.text(
+                x, y - 0.12, str(index), ha="center", va="center", fontsize=10, color=color, weight="bold"
+            )
+            in_probe = index in stage["pool"] or run["policy"] == "reroute"
+            rank = f"#{ranks[index]}" if in_probe and stage["scores"][index] > 0 else "-"
+            ax.text(x, y + 0.26, rank, ha="center", va="center", fontsize=7.5, color=color)
+    for boundary in range(1, side[1]):
+        ax.axvline(boundary - 0.5, color="white", lw=2)
+    for boundary in range(1, side[0]):
+        ax.axhline(boundary - 0.5, color="white", lw=2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    left = (
+        f"{len(stage['deferred'])} deferred"
+        if run["policy"] == "reroute"
+        else f"{len(stage['removed'])} removed"
+    )
+    counts = f"{len(stage['continuing'])} kept, {len(stage['readmitted'])} back, {left}"
+    first, last = stage["layers"]
+    span = f"layer {first}" if first == last else f"layers {first}–{last}"
+    ax.set_title(f"stage {stage['stage']}: {span}, k = {stage['k']}\n{counts}", fontsize=9)
+
+
 def plot_trace_heatmap(report: dict, path: Path) -> None:
+    """The patch grid at every stage, one row per run (policy); ``report["trace"]`` as the audit builds it."""
     trace = report["trace"]
     side = tuple(trace["model"]["image_grid"])
     runs = trace["runs"]
@@ -149,62 +190,67 @@ def plot_trace_heatmap(report: dict, path: Path) -> None:
     cmap = ListedColormap(_STATE_COLORS)
     for r, run in enumerate(runs):
         for s in range(nstages):
-            ax = axes[r, s]
-            if s >= len(run["stages"]):
-                ax.axis("off")
-                continue
-            stage = run["stages"][s]
-            grid = _state_grid(stage, run["num_visual"], side)
-            ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(STATES) - 0.5)
-            ranks = {
-                i: n + 1
-                for n, i in enumerate(sorted(range(run["num_visual"]), key=lambda i: -stage["scores"][i]))
-            }
-            for y, row in enumerate(grid):
-                for x, value in enumerate(row):
-                    index = y * side[1] + x
-                    ax.text(
-                        x,
-                        y - 0.12,
-                        str(index),
-                        ha="center",
-                        va="center",
-                        fontsize=10,
-                        color=_STATE_TEXT[value],
-                        weight="bold",
-                    )
-                    in_probe = index in stage["pool"] or run["policy"] == "reroute"
-                    rank = f"#{ranks[index]}" if in_probe and stage["scores"][index] > 0 else "-"
-                    ax.text(
-                        x, y + 0.26, rank, ha="center", va="center", fontsize=7.5, color=_STATE_TEXT[value]
-                    )
-            for boundary in range(1, side[1]):
-                ax.axvline(boundary - 0.5, color="white", lw=2)
-            for boundary in range(1, side[0]):
-                ax.axhline(boundary - 0.5, color="white", lw=2)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            counts = f"{len(stage['continuing'])} kept, {len(stage['readmitted'])} back, " + (
-                f"{len(stage['deferred'])} deferred"
-                if run["policy"] == "reroute"
-                else f"{len(stage['removed'])} removed"
-            )
-            first, last = stage["layers"]
-            span = f"layer {first}" if first == last else f"layers {first}–{last}"
-            ax.set_title(f"stage {stage['stage']}: {span}, k = {stage['k']}\n{counts}", fontsize=9)
-            if s == 0:
-                ax.set_ylabel(run["policy"], fontsize=12, weight="bold")
+            if s < len(run["stages"]):
+                _draw_stage(axes[r, s], run["stages"][s], run, side, cmap)
+            else:
+                axes[r, s].axis("off")
+        axes[r, 0].set_ylabel(run["policy"], fontsize=12, weight="bold")
     handles = [Patch(facecolor=c, edgecolor="#888888", label=n) for c, n in zip(_STATE_COLORS, STATES)]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
     schedule = trace["schedule"]
+    title = trace.get("title") or (
+        f"Tiny random LLaVA, {side[0]}×{side[1]} patches: decisions at layers {schedule['layers']}, "
+        f"keep {schedule['keep']}"
+    )
     fig.suptitle(
-        f"Tiny random LLaVA, {side[0]}×{side[1]} patches: decisions at layers {schedule['layers']}, keep {schedule['keep']}\n"
-        "number = visual index (raster order); #n = probe-score rank at the decision",
-        fontsize=10,
+        f"{title}\nnumber = visual index (raster order); #n = probe-score rank at the decision", fontsize=10
     )
     fig.subplots_adjust(left=0.05, right=0.98, top=1 - 1.05 / height, bottom=0.75 / height)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_trace(
+    traces: Trace | Sequence[Trace],
+    path: Path | str,
+    *,
+    grid: tuple[int, int] | None = None,
+    sample: int = 0,
+    title: str | None = None,
+) -> Path:
+    """The trace heatmap of your own routed prefill(s): one row per trace (e.g. a reroute and a remove run).
+
+    ``traces``: ``Trace`` objects from ``Reference(...).prefill``, ``routed_prefill`` or ``route()``'s
+    ``router.last_trace``; ``sample`` picks the batch row; ``grid`` is the image's patch grid (rows, columns),
+    by default the square root of the sample's N (LLaVA-1.5: 24×24). Returns the path written.
+    """
+    traces = [traces] if isinstance(traces, Trace) else list(traces)
+    runs = []
+    for trace in traces:
+        if not 0 <= sample < len(trace.samples) or not trace.samples[sample].decisions:
+            raise ValueError(
+                f"sample {sample}: no routed sample at that index (the batch has {len(trace.samples)})"
+            )
+        routed = trace.samples[sample]
+        bounds = (*(d.layer for d in routed.decisions), trace.num_layers)
+        runs.append(
+            {
+                "policy": trace.policy,
+                "num_visual": routed.num_visual,
+                "stages": stages_of(routed, trace.policy, bounds),
+            }
+        )
+    n = runs[0]["num_visual"]
+    side = grid or (math.isqrt(n), math.isqrt(n))
+    if side[0] * side[1] != n or any(run["num_visual"] != n for run in runs):
+        raise ValueError(
+            f"grid {side} does not hold the {[run['num_visual'] for run in runs]} visual tokens; pass grid=(rows, columns)"
+        )
+    layers = [d.layer for d in traces[0].samples[sample].decisions]
+    view = {"model": {"image_grid": list(side)}, "runs": runs, "schedule": {"layers": layers, "keep": []}}
+    view["title"] = title or f"{side[0]}×{side[1]} patches, sample {sample}: decisions at layers {layers}"
+    plot_trace_heatmap({"trace": view}, Path(path))
+    return Path(path)
 
 
 def write_plots(report: dict, out: Path) -> dict[str, str]:

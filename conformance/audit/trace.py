@@ -17,7 +17,7 @@ TRACE_INPUT_SEED = 1
 TRACE_TEXT_RUNS = (5, 3)  # 5 text tokens, the image, 3 text tokens
 
 
-def _stages(sample, policy: str, bounds: tuple[int, ...]) -> list[dict]:
+def stages_of(sample, policy: str, bounds: tuple[int, ...]) -> list[dict]:
     """Per stage of one sample's trace: the selected, re-admitted, deferred or removed visual tokens."""
     stages = []
     previous: set[int] | None = None
@@ -60,7 +60,7 @@ def _policy_run(model, batch: dict, arch: ArchSpec, policy: str, kv_dtype: torch
         num_layers=arch.num_layers,
         visual_start=sample.visual_positions[0],
     ).samples[0]
-    stages = _stages(sample, policy, (*TRACE_SCHEDULE.layers, arch.num_layers))
+    stages = stages_of(sample, policy, (*TRACE_SCHEDULE.layers, arch.num_layers))
     budget = budget_from_trace(result.trace, arch, kv_dtype=kv_dtype, config=routing).samples[0]
     return {
         "policy": policy,
