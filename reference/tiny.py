@@ -132,3 +132,18 @@ def make_batch(
         size = config.vision_config.image_size
         batch["pixel_values"] = torch.randn(num_images, 3, size, size, generator=gen)
     return batch
+
+
+def tiny_example(
+    num_layers: int = 32, batch: int = 2, seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, dict]:
+    """A model and inputs to try the API on in seconds: what the README and docs examples run on.
+
+    A random LLaVA-1.5-shaped toy (``num_layers`` LLaMA layers, as many as LLaVA-1.5-7B so that the release
+    presets' decision layers exist; hidden size 32) and a left-padded batch (what ``generate`` expects): one
+    image of 16 visual tokens per sample between text runs of different lengths. Not a trained model: its
+    tokens mean nothing, its routing decisions are real.
+    """
+    config = tiny_llava_config(num_layers=num_layers)
+    specs = [SampleSpec((5 + 2 * b, 3)) for b in range(batch)]
+    return tiny_llava(config, seed=seed), make_batch(config, specs, padding="left", seed=seed + 1)

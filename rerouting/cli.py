@@ -21,9 +21,26 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """rerouting's version and the installed torch and transformers (read from metadata: nothing imported)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from rerouting import __version__
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"rerouting {__version__} (torch {of('torch')}, transformers {of('transformers')})"
+
+
 def usage() -> str:
     lines = [
         "usage: rerouting COMMAND [options]   (rerouting COMMAND --help for its options)",
+        "       rerouting --version",
         "",
         "commands:",
     ]
@@ -36,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(version())
+        return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(f"rerouting: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
