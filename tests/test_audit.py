@@ -371,6 +371,10 @@ BAD_FILES = {
     "policy.yaml": ("layers: [3]\nkeep: [0.5]\npolicy: prune\n", ["'prune'", "remove, reroute"]),
     "broken.yaml": ("layers: [3\nkeep: 0.5\n", ["not valid YAML"]),
     "broken.json": ('{"layers": [3],', ["not valid JSON"]),
+    "percent.yaml": (
+        'layers: [3, 7]\nkeep: ["50%", 0.25]\n',
+        ["'50%'", "is not a number", "schedule.keep-ratio"],
+    ),
 }
 
 
@@ -526,6 +530,14 @@ BAD_ARGUMENTS = [
     (["--identical-to", "fastv_K3_avg64", "--extra-layers", "40"], ["[40]", "--extra-layers"]),
     (["--schedule", "fastv_K3_avg64", "--schedule", "fastv_K3_avg64"], ["'fastv_K3_avg64'", "twice"]),
     (["--frobnicate"], ["--frobnicate"]),
+    # options that would do nothing in the given combination are errors, naming the right option
+    (["--shape", "geometric"], ["--shape geometric", "--target-avg"]),
+    (["--shape", "1,1,0.5"], ["--shape 1,1,0.5", "--target-avg"]),
+    (
+        ["--identical-to", "fastv_K3_avg64", "--extra-layers", "3,7"],
+        ["--extra-layers [3]", "already decision layers"],
+    ),
+    (["--identical-to", "nope", "--extra-layers", "7"], ["--identical-to 'nope'", "valid presets"]),
 ]
 
 
