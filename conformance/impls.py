@@ -54,7 +54,8 @@ def _kv_from_sample_caches(caches: Sequence[Any]) -> list[list[LayerKV]]:
 class ReferenceImpl:
     """The reference run as an implementation under test (checks the suite itself).
 
-    Computes in float32 whatever the model's dtype (``Reference`` converts a copy), on the CPU.
+    Computes in float32 (float64 for a float64 model) whatever the model's dtype (``Reference`` converts a
+    copy), on the CPU.
     """
 
     name = "reference"
@@ -81,6 +82,8 @@ class ReferenceImpl:
         **yardstick: Any,
     ) -> PrefillOutput:
         """``yardstick``: ``Reference``'s yardstick switches (compute_dtype, score_dtype, attention), for the oracle."""
+        if not yardstick and next(model.parameters()).dtype == torch.float64:
+            yardstick = {"compute_dtype": torch.float64}  # a float64 model runs (and scores) in float64
         reference = Reference(self._cpu(model), config, **yardstick)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         result = reference.prefill(

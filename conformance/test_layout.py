@@ -20,7 +20,7 @@ from rerouting.conformance.oracle import (
 )
 from rerouting.conformance.oracle.strategies import draw_case, layouts, sample_inputs
 from rerouting.conformance.oracle.tolerance import compare
-from rerouting.conformance.protocol import check
+from rerouting.conformance.protocol import ERROR_RULES, check
 
 
 def check_sequence(impl, case):
@@ -52,7 +52,7 @@ def check_visual_set(impl, case):
         "layout.visual-set",
         "a batch with one image fewer than its placeholder tokens announce",
         lambda: impl.prefill(case.model(), case.config, **short),
-        must_mention=("layout.visual-set", "routing.errors"),
+        must_mention=ERROR_RULES["image-features"],
     )
 
 

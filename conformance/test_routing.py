@@ -22,7 +22,7 @@ from rerouting.conformance.oracle import (
     run_check,
 )
 from rerouting.conformance.oracle.strategies import HostSpec, build_model, draw_case, hosts, layouts
-from rerouting.conformance.protocol import check, fail
+from rerouting.conformance.protocol import ERROR_RULES, check, fail
 
 
 def _forward(impl, case, rule, *, positions=None, kv=True):
@@ -153,7 +153,7 @@ def check_errors(impl, case):
         "routing.errors",
         "routing a LlamaForCausalLM",
         lambda: impl.prefill(model, case.config, **inputs),
-        must_mention=("routing.errors",),
+        must_mention=ERROR_RULES["model-class"],
     )
     one = case.on_samples(((2, 1),))
     inputs = one.inputs(case.device)
@@ -163,7 +163,7 @@ def check_errors(impl, case):
         "routing.errors",
         "one more image placeholder than image features",
         lambda: impl.prefill(one.model(), one.config, **dict(inputs, input_ids=extra)),
-        must_mention=("routing.errors", "layout.visual-set"),
+        must_mention=ERROR_RULES["image-features"],
     )
 
 

@@ -27,7 +27,7 @@ from rerouting.conformance.oracle.strategies import (
     layouts,
     presets,
 )
-from rerouting.conformance.protocol import check
+from rerouting.conformance.protocol import ERROR_RULES, check
 from rerouting.reference import PRESETS, RoutingError, Schedule, preset
 
 
@@ -41,7 +41,7 @@ def check_decision_layers(impl, case):
         "schedule.decision-layers",
         f"decision layer {L} in a decoder of {L} layers",
         lambda: impl.prefill(bad.model(), bad.config, **bad.inputs(bad.device)),
-        must_mention=("schedule.decision-layers",),
+        must_mention=ERROR_RULES["decision-layer"],
     )
 
 
@@ -85,7 +85,7 @@ def check_keep_count(impl, case):
         "schedule.keep-count",
         f"keep count {n_min + 1} for a sample with N={n_min}",
         lambda: impl.prefill(too_many.model(), too_many.config, **too_many.inputs(too_many.device)),
-        must_mention=("schedule.keep-count",),
+        must_mention=ERROR_RULES["keep-count"],
     )
 
 

@@ -28,7 +28,7 @@ from rerouting.conformance.oracle.strategies import (
     layouts,
     scorers,
 )
-from rerouting.conformance.protocol import check
+from rerouting.conformance.protocol import ERROR_RULES, check
 from rerouting.reference import RoutingConfig, RoutingError, Schedule, Scorer
 
 
@@ -132,7 +132,7 @@ def check_query_row(impl, case):
         "scoring.probe.query-row",
         "a sample with no text token",
         lambda: impl.prefill(bad.model(), bad.config, **bad.inputs(bad.device)),
-        must_mention=("scoring.probe.query-row",),
+        must_mention=ERROR_RULES["no-text"],
     )
 
 
@@ -173,7 +173,7 @@ def check_variant_query(impl, case):
         "scoring.probe.variant-query",
         "query='text-after-image' with no text after the image",
         lambda: impl.prefill(bad.model(), bad.config, **bad.inputs(bad.device)),
-        must_mention=("scoring.probe.variant-query",),
+        must_mention=ERROR_RULES["no-text-after-image"],
     )
 
 

@@ -33,7 +33,7 @@ from rerouting.reference import (
 )
 from rerouting.reference.compat import call_layer
 from rerouting.reference.scoring import probe_size, query_rows, random_scores
-from rerouting.reference.selection import ForcedSelection, forced_choice
+from rerouting.reference.selection import ForcedSelection, check_forced, forced_choice
 
 from .cache import RoutedCache
 from .packing import (
@@ -59,7 +59,7 @@ class PrefillResult:
             ``logits_to_keep=k > 0`` only the last k columns ``[B, k, V]``.
         hidden: ``[B, T, D]`` last hidden state before the final norm; padding rows zero.
         cache: the batched ``RoutedCache`` (None when ``use_cache=False``).
-        trace: the routing record, scores in float32.
+        trace: the routing record, scores in float32 (float64 for a float64 model, [scoring.probe.dtype]).
     """
 
     logits: torch.Tensor
@@ -124,10 +124,7 @@ class _Prefill:
         """Every sample's layout and seeded generator; a forced selection must name every sample."""
         layouts = self.host.layouts(input_ids, attention_mask)
         B = input_ids.shape[0]
-        if forced is not None and len(forced) != B:
-            raise RoutingError(
-                "selection.pool", f"forced_selection has {len(forced)} samples, the batch has {B}"
-            )
+        check_forced(forced, B, self.config.schedule.num_decisions, [bool(lay.visual) for lay in layouts])
         seed = self.config.scorer.seed
         self.samples = [
             _Sample(lay.text, lay.visual, lay.length, torch.Generator().manual_seed(seed)) for lay in layouts
@@ -263,7 +260,7 @@ class _Prefill:
         scores = None
         if config.scorer.kind == "attention":
             scores = early if early is not None else self._probe(self.host.layers[layer_index])
-            scores = scores.float().cpu()  # [B, N]
+            scores = scores.cpu()  # [B, N] in the score dtype: float32, float64 in a float64 run
         decisions: list[Decision | None] = []
         keep = self.is_text.clone()  # [B, Tv]: text is always active ([layout.text-set])
         for b, s in enumerate(self.samples):
@@ -352,7 +349,7 @@ def routed_prefill(
 ) -> PrefillResult:
     """[layout.batch-independence] Routed prefill of a batch, every sample routed on its own.
 
-    Runs in the model's own dtype and device; scores are float32. ``config.compute_dtype`` is the reference's
+    Runs in the model's own dtype and device; scores are float32 (float64 for a float64 model). ``config.compute_dtype`` is the reference's
     switch and is ignored here.
 
     Args:

@@ -45,7 +45,9 @@ def probe_scores(
     visual_columns: torch.Tensor,
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """[scoring.probe.query-row] [scoring.probe.softmax] [scoring.probe.head-mean] Probe scores ``[B, N]`` float32.
+    """[scoring.probe.query-row] [scoring.probe.softmax] [scoring.probe.head-mean] Probe scores ``[B, N]``.
+
+    In the score dtype ([scoring.probe.dtype]): float32, float64 when the states are float64.
 
     Args:
         states: ``[B, n, D]`` the hidden states entering ``layer`` for the probe sequence, rows in ascending
@@ -67,9 +69,10 @@ def probe_scores(
     q = attn.q_proj(gather_rows(x, queries)).view(B, q_rows, -1, hd)  # [B, q, H, hd]
     q = rope(q, gather_rows(cos, queries), gather_rows(sin, queries))
     H, H_kv = q.shape[2], k.shape[2]
+    score_dtype = torch.float64 if states.dtype == torch.float64 else torch.float32  # [scoring.probe.dtype]
     # Each key/value head serves its group of g query heads (query head h -> kv head h // g), as repeat_kv.
-    q = q.float().permute(0, 2, 1, 3).reshape(B, H_kv, H // H_kv, q_rows, hd)  # [B, H_kv, g, q, hd]
-    keys = k.float().permute(0, 2, 3, 1)[:, :, None]  # [B, H_kv, 1, hd, n]
+    q = q.to(score_dtype).permute(0, 2, 1, 3).reshape(B, H_kv, H // H_kv, q_rows, hd)  # [B, H_kv, g, q, hd]
+    keys = k.to(score_dtype).permute(0, 2, 3, 1)[:, :, None]  # [B, H_kv, 1, hd, n]
     logits = (q @ keys) * attn.scaling  # [B, H_kv, g, q, n]
     logits = logits.view(B, H, q_rows, n)  # [B, H, q, n]
     q_positions = positions.gather(1, queries)  # [B, q]

@@ -23,7 +23,7 @@ from .hooks import vision_reducer
 from .host import Host, SampleLayout, attention_implementation, causal_mask, host_for
 from .schedule import RoutingConfig, RoutingError
 from .scoring import DecisionContext, probe_size, query_rows, scoring_method
-from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
+from .selection import ForcedSelection, candidate_pool, capped_k, check_forced, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
 
 
@@ -168,6 +168,8 @@ class Reference:
         with torch.no_grad(), attention_implementation(self.model, self.attention):
             embeds = host.embed(input_ids, pixel_values)  # [B, T, D]
             layouts = host.layouts(input_ids, attention_mask)
+            routed = [bool(layout.visual) for layout in layouts]
+            check_forced(forced_selection, len(layouts), self.config.schedule.num_decisions, routed)
             embeds, layouts = self.reducer(embeds, layouts)  # [layout.vision-reducer]
             B, T = input_ids.shape
             logits = torch.zeros(B, T, host.lm_head.out_features, dtype=dtype)

@@ -53,7 +53,9 @@ def select_topk(scores: torch.Tensor, pool: Sequence[int], k: int) -> tuple[int,
 
 
 def forced_choice(forced: Sequence[int], pool: Sequence[int], k: int, layer: int) -> tuple[int, ...]:
-    """[selection.pool] A forced selection, ascending, once checked to be ``k`` distinct tokens of the pool.
+    """[selection.forced] A forced selection, ascending, once checked to be ``k`` distinct tokens of the pool.
+
+    ``k`` is the schedule's capped target ([selection.pool-cap]), never ``len(forced)``.
 
     Args:
         forced: the visual indices a caller forces at the decision of decision layer ``layer``.
@@ -61,7 +63,23 @@ def forced_choice(forced: Sequence[int], pool: Sequence[int], k: int, layer: int
     chosen = tuple(sorted(forced))
     if len(set(chosen)) != k or not set(chosen) <= set(pool):
         raise RoutingError(
-            "selection.pool",
-            f"forced selection {list(chosen)} at decision layer {layer} is not {k} distinct tokens of the pool",
+            "selection.forced",
+            f"forced selection {list(chosen)} at decision layer {layer} is not {k} distinct tokens of the pool {list(pool)}",
         )
     return chosen
+
+
+def check_forced(forced: ForcedSelection | None, batch: int, decisions: int, routed: Sequence[bool]) -> None:
+    """[selection.forced] One forced entry per sample, and one selection per decision for every routed sample."""
+    if forced is None:
+        return
+    if len(forced) != batch:
+        raise RoutingError(
+            "selection.forced", f"forced_selection has {len(forced)} samples, the batch has {batch}"
+        )
+    for b, (entry, is_routed) in enumerate(zip(forced, routed)):
+        if is_routed and len(entry) != decisions:
+            raise RoutingError(
+                "selection.forced",
+                f"forced_selection[{b}] has {len(entry)} selections, the schedule has {decisions} decisions",
+            )

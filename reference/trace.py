@@ -18,12 +18,13 @@ class Decision:
     """One decision of one sample.
 
     Attributes:
-        layer: the decision layer d_s.
+        layer: the decision layer d_s (also under ``probe_layer="previous"``, [scoring.probe.variant-layer]).
         stage: s.
         pool: visual indices eligible for selection, ascending ([selection.pool]).
-        scores: ``[N]`` float32 (float64 in a float64 reference) probe score of every visual token;
+        scores: ``[N]`` float32 (float64 in a float64 run) score of every visual token ([scoring.probe.dtype]);
             tokens outside the probe's key set score 0 ([scoring.probe.softmax]).
-        k: the number selected, after the pool cap ([selection.pool-cap]).
+        k: the number selected, after the pool cap ([selection.pool-cap]); the schedule's, also when the
+            selection is forced ([selection.forced]).
         selected: visual indices selected, ascending ([selection.order]).
         probe_keys: number of keys in the probe sequence ([budget.flops.probe]).
         probe_queries: number of query rows the scorer uses ([scoring.probe.query-row]).

@@ -101,7 +101,7 @@ def check_scores(obs: Observation, rule: str) -> None:
             continue
         check(
             scores.dtype == obs.score_dtype,
-            "scoring.probe.softmax",
+            "scoring.probe.dtype",
             f"{where}: scores are {scores.dtype}, the spec computes them in {obs.score_dtype}",
         )
         outside = (

@@ -81,10 +81,16 @@ def _check_decision(config: RoutingConfig, where: str, s: int, layout, decision,
     """Decision ``s``: its layer, pool (from the previous selection), k, and the selection's shape; returns it."""
     schedule = config.schedule
     N = len(layout.visual)
+    previous = config.scorer.probe_layer == "previous" and decision.layer == schedule.layers[s] - 1
     check(
         (decision.layer, decision.stage) == (schedule.layers[s], s),
-        "schedule.decision-layers",
-        f"{where}: recorded as layer {decision.layer}, stage {decision.stage}",
+        "scoring.probe.variant-layer" if previous else "schedule.decision-layers",
+        f"{where}: recorded as layer {decision.layer}, stage {decision.stage}"
+        + (
+            " (probe_layer='previous' scores with layer d-1, but the decision is layer d's)"
+            if previous
+            else ""
+        ),
     )
     pool = candidate_pool(config.policy, N, selected)
     check(
