@@ -1,0 +1,35 @@
+"""The example outside implementation of docs/ passes the conformance suite, and uses only the public contract."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "outside_impl.py"
+
+
+def test_outside_impl_imports_only_the_contract():
+    """No import of rerouting.reference, rerouting.optimized or the suite's internals: only the protocol."""
+    tree = ast.parse(EXAMPLE.read_text(encoding="utf-8"))
+    modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    ours = {m for m in modules if m and m.split(".")[0] == "rerouting"}
+    assert ours == {"rerouting.conformance.protocol"}, ours
+
+
+def test_outside_impl_passes_conform(tmp_path):
+    """``rerouting conform --impl outside_impl:OutsideRouter``, the module found on PYTHONPATH like a user's."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(EXAMPLE.parent), os.environ.get("PYTHONPATH", "")])
+    )
+    command = [sys.executable, "-m", "rerouting", "conform", "--impl", "outside_impl:OutsideRouter"]
+    command += ["--profile", "ci", "--max-examples", "2", "--device", "cpu", "--out", str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "report.json").read_text())["summary"]
+    assert summary["failed"] == summary["errors"] == 0, summary
+    assert summary["rules_checked"] == summary["rules_defined"], summary
