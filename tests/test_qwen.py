@@ -393,3 +393,37 @@ def test_saved_tiny_folder_loads_and_routes(qwen, batch, tmp_path):
     config = RoutingConfig(MULTI)
     a, b = routed_prefill(qwen, config, **batch), routed_prefill(loaded, config, **batch)
     assert decisions(a.trace) == decisions(b.trace) and torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.spec("schedule.presets", "layout.image-grid")
+def test_qwen_presets_are_the_release_schedules():
+    """The release's Qwen2.5-VL-7B schedules (28 layers): LLaVA's ratios, nominal avg_T at N = 576 (spec table)."""
+    from rerouting.reference import PRESETS
+
+    N, L = 576, 28
+    for tier, fastv_avg, pdrop_avg, ours_avg in (
+        (192, 197.69, 192.87, 193.96),
+        (128, 134.64, 129.73, 131.27),
+    ):
+        fastv, ours = PRESETS[f"qwen25vl_fastv_K3_avg{tier}"], PRESETS[f"qwen25vl_ours_vs_fastv_avg{tier}"]
+        r = fastv.schedule.keep[0]
+        assert (
+            fastv.schedule.layers == (3,)
+            and fastv.policy == "remove"
+            and r == PRESETS[f"fastv_K3_avg{tier}"].schedule.keep[0]
+        )
+        assert (
+            ours.schedule.layers == (3, 6, 13, 20)
+            and ours.schedule.keep == (r,) * 4
+            and ours.policy == "reroute"
+        )
+        assert round((3 * N + (L - 3) * N * r) / L, 2) == fastv_avg
+        for name, expected in (("pdrop_earlyL2", pdrop_avg), ("ours_vs_pdrop", ours_avg)):
+            config = PRESETS[f"qwen25vl_{name}_avg{tier}"]
+            assert config.schedule.layers == (2, 6, 13, 20)
+            assert config.schedule.keep == PRESETS[f"{name}_avg{tier}"].schedule.keep
+            spans = (4, 7, 7, 8)  # stage lengths [d_s, d_{s+1})
+            avg = (2 * N + N * sum(s * k for s, k in zip(spans, config.schedule.keep))) / L
+            assert round(avg, 2) == expected
+    # a sample's own N: the keep count of a 391-token image (640x480) at the 192 tier
+    assert PRESETS["qwen25vl_ours_vs_fastv_avg192"].schedule.keep_count(0, 391) == 103
