@@ -4,6 +4,9 @@ Every document starts with ``model``, ``inputs`` (its ``input_ids``, ``attention
 and ``config`` from ``rerouting.reference.tiny.tiny_example()``: a random 32-layer LLaVA-1.5-shaped toy and a
 left-padded batch, so that a block written for a real checkpoint runs as written. A block that needs what
 no test machine has (a hub download, a GPU) is marked ``<!-- skip: next -->`` in the Markdown.
+
+A document's blocks share one namespace, so under pytest-xdist run them with ``--dist loadfile`` (the
+default ``load`` may hand a document's blocks to different workers).
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ class ReferenceImpl:
         pixel_values: torch.Tensor | None,
         *,
         forced_selection: ForcedSelection | None = None,
+        image_grid_thw: torch.Tensor | None = None,
         **yardstick: Any,
     ) -> PrefillOutput:
         """``yardstick``: ``Reference``'s yardstick switches (compute_dtype, score_dtype, attention), for the oracle."""
@@ -86,8 +87,9 @@ class ReferenceImpl:
             yardstick = {"compute_dtype": torch.float64}  # a float64 model runs (and scores) in float64
         reference = Reference(self._cpu(model), config, **yardstick)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        grid = {} if image_grid_thw is None else {"image_grid_thw": cpu(image_grid_thw)}
         result = reference.prefill(
-            cpu(input_ids), cpu(attention_mask), cpu(pixel_values), forced_selection=forced_selection
+            cpu(input_ids), cpu(attention_mask), cpu(pixel_values), forced_selection=forced_selection, **grid
         )
         return PrefillOutput(
             logits=result.logits,
@@ -125,8 +127,11 @@ class FunctionalImpl:
         pixel_values: torch.Tensor | None,
         *,
         forced_selection: ForcedSelection | None = None,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> PrefillOutput:
         kwargs = {} if forced_selection is None else {"forced_selection": forced_selection}
+        if image_grid_thw is not None:
+            kwargs["image_grid_thw"] = image_grid_thw
         result = self.namespace.routed_prefill(
             model, config, input_ids, attention_mask, pixel_values, **kwargs
         )
@@ -163,6 +168,12 @@ class Checked:
     def __repr__(self) -> str:
         return f"Checked({self.name})"
 
+    def supports_host(self, class_name: str) -> bool:
+        """Whether the implementation takes models of ``class_name``: its optional ``hosts`` attribute
+        (class names) says; without one it is held to every host the suite draws."""
+        hosts = getattr(self.impl, "hosts", None)
+        return hosts is None or class_name in hosts
+
     def prefill(
         self,
         model: nn.Module,
@@ -172,10 +183,18 @@ class Checked:
         pixel_values: torch.Tensor | None,
         *,
         forced_selection: ForcedSelection | None = None,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> PrefillOutput:
+        """``image_grid_thw`` (a Qwen2.5-VL case) is passed only when given, to a ``prefill`` that accepts it."""
         if not hasattr(self.impl, "prefill"):
             raise CapabilityMissing("prefill", self.name)
         kwargs = {}
+        if image_grid_thw is not None:
+            if not _accepts(self.impl.prefill, "image_grid_thw"):
+                raise CapabilityMissing(
+                    "image_grid_thw", self.name, "prefill takes no image_grid_thw argument (Qwen2.5-VL hosts)"
+                )
+            kwargs["image_grid_thw"] = image_grid_thw
         if forced_selection is not None:
             if not self._has_forced:
                 raise CapabilityMissing(
@@ -186,7 +205,7 @@ class Checked:
             out = self.impl.prefill(model, config, input_ids, attention_mask, pixel_values, **kwargs)
         except NotImplementedError as error:
             raise CapabilityMissing(
-                "forced_selection" if kwargs else "prefill", self.name, str(error)
+                "forced_selection" if "forced_selection" in kwargs else "prefill", self.name, str(error)
             ) from error
         if not isinstance(out, PrefillOutput):
             raise CapabilityMissing("prefill", self.name, f"returned {type(out).__name__}, not PrefillOutput")
@@ -242,11 +261,18 @@ class OptimizedImpl:
         pixel_values: torch.Tensor | None,
         *,
         forced_selection: ForcedSelection | None = None,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> PrefillOutput:
         from rerouting import optimized
 
         result = optimized.routed_prefill(
-            model, config, input_ids, attention_mask, pixel_values, forced_selection=forced_selection
+            model,
+            config,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            forced_selection=forced_selection,
+            image_grid_thw=image_grid_thw,
         )
         return PrefillOutput(logits=result.logits, kv=self._kv(result), trace=result.trace, state=result)
 

@@ -175,6 +175,13 @@ class Implementation(Protocol):
     ``decode_step`` feeds one token per sample (``tokens`` ``[B]`` long) after ``step`` earlier decode
     steps, extends the live cache kept in ``prefill.state`` and returns the next-token logits; it must
     not change ``prefill.kv`` ([cache.snapshot]).
+
+    Hosts (added compatibly in 0.1.1): the suite draws LLaVA and Qwen2.5-VL models. On a Qwen2.5-VL case
+    ``prefill`` also gets ``image_grid_thw=`` (``[I, 3]`` long, [layout.image-grid]); a ``prefill``
+    without that keyword fails those checks as "image_grid_thw is not implemented by <impl>". An
+    implementation for some hosts only says so with an optional ``hosts`` attribute (model class names,
+    e.g. ``("LlavaForConditionalGeneration",)``): the checks of other hosts are then skipped with that
+    reason, and the report lists their rules as skipped, not checked.
     """
 
     name: str
@@ -201,6 +208,7 @@ CAPABILITIES: tuple[str, ...] = (
     "forced_selection",
     "decode_step",
     "decode_step KV (DecodeOutput.kv)",
+    "image_grid_thw",
 )
 
 

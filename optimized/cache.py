@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from rerouting.reference import RoutingError, SampleCache
+from rerouting.reference import RotaryIds, RoutingError, SampleCache
 
 from .packing import Packing
 
@@ -31,15 +31,20 @@ class RoutedCache(Cache):
         entries: per layer, ``[B]`` long, the valid prefill entries of each sample (text + active visual).
         positions: per layer, ``[B, n_l]`` long, the original position of each entry (padding entries hold
             Tv, the buffer's trash row, and are never visible).
+        rotary: the batch's position-id table for an mRoPE host (decoded position p has ids ``p + δ_b``,
+            [cache.decode.positions]); None for 1-D RoPE.
     """
 
-    def __init__(self, num_layers: int, prefill_lengths: torch.Tensor, columns: int):
+    def __init__(
+        self, num_layers: int, prefill_lengths: torch.Tensor, columns: int, rotary: RotaryIds | None = None
+    ):
         super().__init__(layers=[DynamicLayer() for _ in range(num_layers)])
         self.prefill_lengths = prefill_lengths
         self.columns = columns
         self.steps = 0
         self.entries: list[torch.Tensor | None] = [None] * num_layers
         self.positions: list[torch.Tensor | None] = [None] * num_layers
+        self.rotary = rotary
 
     # --- prefill ---------------------------------------------------------------------------------
     def record(self, layer_idx: int, packing: Packing) -> None:
@@ -78,6 +83,8 @@ class RoutedCache(Cache):
         self.prefill_lengths = self.prefill_lengths.index_select(0, index)
         self.entries = [e.index_select(0, index) for e in self.entries]
         self.positions = [p.index_select(0, index) for p in self.positions]
+        if self.rotary is not None:
+            self.rotary = self.rotary.select(index)
 
     # --- decode ----------------------------------------------------------------------------------
     def width(self, layer_idx: int) -> int:
@@ -139,4 +146,5 @@ class RoutedCache(Cache):
             cache.update(keys[None], values[None], layer_idx)  # [1, H_kv, n, hd] each
             n = int(self.entries[layer_idx][sample])
             positions.append(self.positions[layer_idx][sample, :n].cpu())
-        return SampleCache(cache=cache, positions=positions, length=int(self.prefill_lengths[sample]))
+        rotary = None if self.rotary is None else self.rotary.select(torch.tensor([sample]))
+        return SampleCache(cache, positions, int(self.prefill_lengths[sample]), rotary)

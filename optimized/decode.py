@@ -15,6 +15,7 @@ from torch import nn
 from rerouting.reference import Host, RoutingConfig, host_for
 from rerouting.reference.compat import call_layer
 from rerouting.reference.hooks import decoding_strategy
+from rerouting.reference.host import bind_ids
 
 from .cache import RoutedCache
 from .routing import PrefillResult, check_attention_implementation, check_host, routed_prefill
@@ -33,6 +34,7 @@ def decode_step(model: nn.Module, cache: RoutedCache, tokens: torch.Tensor) -> t
 
 
 def _decode(host: Host, implementation: str, cache: RoutedCache, tokens: torch.Tensor) -> torch.Tensor:
+    host = bind_ids(host, cache.rotary)  # [cache.decode.positions]: an mRoPE host's ids are T_b + δ_b + step
     h = host.embed_tokens(tokens)  # [B, q, D]
     positions = host.decode_positions(cache.prefill_lengths, cache.steps, tokens.shape[1])  # [B, q]
     rotary = host.rotary_embeddings(h, positions)  # cos, sin: [B, q, hd]
@@ -69,6 +71,7 @@ def greedy_generate(
     *,
     max_new_tokens: int,
     strategy: str = "greedy",
+    image_grid_thw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PrefillResult]:
     """[cache.decode.unrouted] [cache.decoding-strategy] Greedy decoding: a routed prefill, then unrouted steps.
 
@@ -78,7 +81,15 @@ def greedy_generate(
     """
     generate = decoding_strategy(strategy)
     host, implementation = check_host(model, config)
-    result = routed_prefill(model, config, input_ids, attention_mask, pixel_values, logits_to_keep=1)
+    result = routed_prefill(
+        model,
+        config,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        logits_to_keep=1,
+        image_grid_thw=image_grid_thw,
+    )
 
     def step(tokens: torch.Tensor, j: int) -> torch.Tensor:
         return _decode(host, implementation, result.cache, tokens[:, None])[:, -1]  # [B, V]

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Cache
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
-from rerouting.reference import RoutingConfig, RoutingError, Trace
+from rerouting.reference import Host, RoutingConfig, RoutingError, Trace, host_for
 from rerouting.reference.compat import forward_cache, make_output
 
 from .cache import RoutedCache
@@ -43,6 +43,11 @@ _UNSUPPORTED = (
     "output_attentions",
     "output_hidden_states",
 )
+_VIDEO = (
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)  # Qwen video inputs ([layout.image-grid])
 
 
 class Router:
@@ -83,6 +88,7 @@ class Router:
         @functools.wraps(original_generate)
         def generate(*args, **kwargs):
             check_generate_options(model, kwargs)  # before generate builds caches or assistants
+            add_token_types(host_for(model), args, kwargs)
             return original_generate(*args, **kwargs)
 
         model.forward, model.generate = forward, generate
@@ -106,6 +112,9 @@ class Router:
                 raise RoutingError(
                     "routing.errors", f"forward argument {name!r} is not supported while routing"
                 )
+        videos = [name for name in _VIDEO if arguments.get(name) is not None]
+        if videos:
+            raise RoutingError("layout.image-grid", f"video inputs {videos} are not supported (images only)")
         if arguments.get("input_ids") is None:
             raise RoutingError(
                 "routing.errors", "routing needs input_ids (the image placeholders mark the visual tokens)"
@@ -134,8 +143,16 @@ class Router:
         image = encoded.get("image")
         input_ids, attention_mask = arguments["input_ids"], arguments.get("attention_mask")
         valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # [B, T]
-        check_positions(arguments.get("position_ids"), valid.long().cumsum(-1) - 1, valid.bool())
-        return routed_prefill(
+        host = host_for(self.model)
+        ranks, ids = split_position_ids(host, arguments.get("position_ids"))
+        check_positions(ranks, valid.long().cumsum(-1) - 1, valid.bool())
+        check_token_types(host, arguments.get("mm_token_type_ids"), input_ids, valid.bool())
+        host_inputs = {
+            name: value
+            for name, value in (("image_grid_thw", arguments.get("image_grid_thw")), ("position_ids", ids))
+            if value is not None
+        }
+        result = routed_prefill(
             self.model,
             self.config,
             input_ids,
@@ -144,7 +161,14 @@ class Router:
             use_cache=use_cache,
             logits_to_keep=arguments.get("logits_to_keep", 0),
             image_features=None if image is None else image.pooler_output,
+            **host_inputs,
         )
+        rotary = None if result.cache is None else result.cache.rotary
+        if rotary is not None and hasattr(self.model.model, "rope_deltas"):
+            self.model.model.rope_deltas = rotary.deltas[:, None].to(
+                input_ids.device
+            )  # as the unrouted forward
+        return result
 
     def _decode(self, arguments: dict[str, Any], cache: RoutedCache) -> torch.Tensor:
         """[cache.decode.unrouted] One unrouted decode step from the routed cache: logits ``[B, q or k, V]``."""
@@ -155,10 +179,64 @@ class Router:
         q = input_ids.shape[1]
         if attention_mask is not None and not bool(attention_mask[:, -q:].bool().all()):
             raise RoutingError("cache.decode.unrouted", "decoded tokens must be valid (attention_mask 1)")
-        check_positions(arguments.get("position_ids"), cache.decode_positions(q), None)
+        ranks, ids = split_position_ids(host_for(self.model), arguments.get("position_ids"))
+        positions = cache.decode_positions(q)  # [B, q]
+        check_positions(ranks, positions, None)
+        if ids is not None:  # [cache.decode.positions]: T_b + δ_b + step on every axis
+            check_positions(ids, cache.rotary.lookup(positions.to(ids.device)), None)
         logits = decode_step(self.model, cache, input_ids)  # [B, q, V]; checks the attention implementation
         keep = arguments.get("logits_to_keep", 0)
         return logits[:, slice(-keep, None) if isinstance(keep, int) else keep]
+
+
+def add_token_types(host: Host, args: tuple, kwargs: dict[str, Any]) -> None:
+    """[layout.rotary-ids] ``generate`` on an mRoPE host gets the host's own ``mm_token_type_ids``.
+
+    Without them ``generate`` would build 1-D position ids for Qwen2.5-VL, silently; given ones are checked
+    against the image placeholders when the forward sees them.
+    """
+    if not hasattr(host, "mm_token_type_ids") or kwargs.get("mm_token_type_ids") is not None:
+        return
+    input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if isinstance(input_ids, torch.Tensor):
+        kwargs["mm_token_type_ids"] = host.mm_token_type_ids(input_ids)
+
+
+def split_position_ids(
+    host: Host, given: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """[layout.rotary-ids] Caller-given ``position_ids`` as (positions ``[B, q]``, mRoPE ids ``[3, B, q]``).
+
+    1-D RoPE: the ids are the positions. An mRoPE host takes ``generate``'s ``[4, B, q]`` (row 0 the
+    position, rows 1..3 the ids) or ``[3, B, q]`` ids; 2-D ids would be 1-D RoPE there, an error.
+    """
+    if given is None or getattr(host, "rotary_axes", 1) == 1:
+        return given, None
+    axes = host.rotary_axes
+    if given.dim() == 3 and given.shape[0] == axes + 1:
+        return given[0], given[1:]
+    if given.dim() == 3 and given.shape[0] == axes:
+        return None, given
+    raise RoutingError(
+        "layout.rotary-ids",
+        f"position_ids of shape {tuple(given.shape)} for an mRoPE host: give [{axes + 1}, B, T] or "
+        f"[{axes}, B, T] (2-D ids would run 1-D RoPE)",
+    )
+
+
+def check_token_types(
+    host: Host, given: torch.Tensor | None, input_ids: torch.Tensor, valid: torch.Tensor
+) -> None:
+    """[layout.rotary-ids] Caller-given ``mm_token_type_ids`` must be the host's own (1 at image placeholders)."""
+    if given is None or not hasattr(host, "mm_token_type_ids"):
+        return
+    own = host.mm_token_type_ids(input_ids)
+    if bool(((given.to(own.device) != own) & valid).any()):
+        raise RoutingError(
+            "layout.rotary-ids",
+            f"mm_token_type_ids {given.tolist()} differ from the image placeholders (id {host.image_token_id}) "
+            f"{own.tolist()} on valid tokens",
+        )
 
 
 def check_positions(given: torch.Tensor | None, expected: torch.Tensor, valid: torch.Tensor | None) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 from rerouting.reference import (
     Decision,
     Host,
+    RotaryIds,
     RoutingConfig,
     RoutingError,
     SampleCache,
@@ -32,6 +33,7 @@ from rerouting.reference import (
     capped_k,
 )
 from rerouting.reference.compat import call_layer
+from rerouting.reference.host import bind_ids
 from rerouting.reference.scoring import probe_size, query_rows, random_scores
 from rerouting.reference.selection import ForcedSelection, check_forced, forced_choice
 
@@ -105,11 +107,13 @@ class _Prefill:
         forced: ForcedSelection | None,
         use_cache: bool,
         logits_to_keep: int | torch.Tensor,
+        host_inputs: dict[str, torch.Tensor],
     ) -> PrefillResult:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.host.embed(input_ids, pixel_values, image_features)  # [B, T, D]
-        self._start_samples(input_ids, attention_mask, forced)
+        grid = {k: v for k, v in host_inputs.items() if k == "image_grid_thw"}
+        embeds = self.host.embed(input_ids, pixel_values, image_features, **grid)  # [B, T, D]
+        self._start_samples(input_ids, attention_mask, forced, host_inputs)
         cols = self._start_buffer(input_ids, attention_mask, embeds, use_cache)  # [B, Tv]
         decisions, active_visual = self._run_layers(forced)
         self._sync()
@@ -119,10 +123,16 @@ class _Prefill:
 
     # --- setup ---------------------------------------------------------------------------------------
     def _start_samples(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, forced: ForcedSelection | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        forced: ForcedSelection | None,
+        host_inputs: dict[str, torch.Tensor],
     ) -> None:
-        """Every sample's layout and seeded generator; a forced selection must name every sample."""
-        layouts = self.host.layouts(input_ids, attention_mask)
+        """[layout.rotary-ids] Every sample's layout and seeded generator; the batch's position-id table bound."""
+        layouts = self.host.layouts(input_ids, attention_mask, **host_inputs)
+        self.rotary_ids = RotaryIds.from_layouts(layouts)  # None for 1-D RoPE
+        self.host = bind_ids(self.host, self.rotary_ids)  # positions (ranks) in, ids only inside the rotary
         B = input_ids.shape[0]
         check_forced(forced, B, self.config.schedule.num_decisions, [bool(lay.visual) for lay in layouts])
         seed = self.config.scorer.seed
@@ -153,7 +163,7 @@ class _Prefill:
         trash = embeds.new_zeros(B, 1, embeds.shape[-1])
         self.buffer = torch.cat([gather_rows(embeds, cols), trash], dim=1)  # [B, Tv + 1, D]
         self.dense = pack(self.valid)  # [schedule.dense-prefix]: every valid token active
-        self.cache = RoutedCache(host.num_layers, lengths, T) if use_cache else None
+        self.cache = RoutedCache(host.num_layers, lengths, T, self.rotary_ids) if use_cache else None
         self._enter(self.dense, self.buffer[:, :Tv], synced=True)
         self.dense_rotary = self.rotary  # reused by every reroute probe (same positions 0..Tv-1)
         return cols
@@ -248,7 +258,15 @@ class _Prefill:
         # point them at row 0 (any valid row will do: they carry no weight).
         queries_rows = inv.gather(1, query_pos).masked_fill(~query_valid, 0)  # [B, q]
         return probe_scores(
-            self.host, layer, self.x, packing.index, packing.lengths, queries_rows, query_valid, columns
+            self.host,
+            layer,
+            self.x,
+            packing.index,
+            packing.lengths,
+            queries_rows,
+            query_valid,
+            columns,
+            self.rotary,  # the current compact batch's cos/sin: the probe sequence of remove
         )
 
     def _decide(
@@ -346,6 +364,8 @@ def routed_prefill(
     use_cache: bool = True,
     logits_to_keep: int | torch.Tensor = 0,
     image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> PrefillResult:
     """[layout.batch-independence] Routed prefill of a batch, every sample routed on its own.
 
@@ -362,7 +382,15 @@ def routed_prefill(
         logits_to_keep: 0 for every column, k > 0 for the last k columns only (as the host's ``forward``).
         image_features: instead of ``pixel_values``, the per-image features ``[n_i, D]`` already computed by the
             host's ``get_image_features`` (``generate`` passes them as ``mm_encoder_outputs``).
+        image_grid_thw: ``[I, 3]`` the images' grids, for a host whose images have one (Qwen2.5-VL).
+        position_ids: ``[3, B, T]`` an mRoPE host's position ids when the caller has them (``generate``);
+            otherwise the host computes them ([layout.rotary-ids]).
     """
+    host_inputs = {
+        name: value
+        for name, value in (("image_grid_thw", image_grid_thw), ("position_ids", position_ids))
+        if value is not None
+    }
     host, implementation = check_host(model, config)
     try:
         with torch.no_grad():
@@ -374,6 +402,7 @@ def routed_prefill(
                 forced_selection,
                 use_cache,
                 logits_to_keep,
+                host_inputs,
             )
     except torch.OutOfMemoryError as error:  # [routing.errors]: a clear error, never an unrouted fallback
         raise RoutingError(

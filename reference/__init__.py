@@ -5,7 +5,18 @@ Every function implementing a spec rule names the rule ID in the first line of i
 
 from . import compat  # first: refuses an unsupported transformers before anything else touches it
 from .decode import decode_step, greedy_generate
-from .host import HOSTS, AttentionParts, Host, ImageSpan, LlavaHost, SampleLayout, host_for, register_host
+from .host import (
+    HOSTS,
+    AttentionParts,
+    Host,
+    ImageSpan,
+    LlavaHost,
+    RotaryIds,
+    SampleLayout,
+    host_for,
+    register_host,
+)
+from .host_qwen import Qwen2_5_VLHost
 from .routing import PrefillResult, Reference, SampleCache, run_block
 from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
@@ -22,7 +33,9 @@ __all__ = [
     "ImageSpan",
     "LlavaHost",
     "PrefillResult",
+    "Qwen2_5_VLHost",
     "Reference",
+    "RotaryIds",
     "RoutingConfig",
     "RoutingError",
     "SampleCache",

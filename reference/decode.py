@@ -12,7 +12,7 @@ import torch
 
 from .compat import call_layer
 from .hooks import decoding_strategy
-from .host import attention_implementation
+from .host import attention_implementation, bind_ids
 from .routing import PrefillResult, Reference
 
 
@@ -25,10 +25,10 @@ def decode_step(reference: Reference, result: PrefillResult, tokens: torch.Tenso
         tokens: ``[B]`` long, the next token of each sample.
         step: how many tokens were already decoded; sample b's token sits at position ``T_b + step``.
     """
-    host = reference.host
     out = []
     with torch.no_grad(), attention_implementation(reference.model, reference.attention):
         for b, sample_cache in enumerate(result.caches):
+            host = bind_ids(reference.host, sample_cache.rotary)  # [layout.rotary-ids]: ids T_b + δ_b + step
             h = host.embed_tokens(tokens[b].view(1, 1))  # [1, 1, D]
             position = host.decode_positions(torch.tensor([sample_cache.length]), step, 1)  # [1, 1]
             cos, sin = host.rotary_embeddings(h, position)
@@ -55,6 +55,7 @@ def greedy_generate(
     *,
     max_new_tokens: int,
     strategy: str = "greedy",
+    image_grid_thw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PrefillResult]:
     """[cache.decode.unrouted] [cache.decoding-strategy] Greedy decoding: a routed prefill, then unrouted steps.
 
@@ -63,12 +64,13 @@ def greedy_generate(
     (reference/hooks.py; only ``"greedy"`` exists).
     """
     generate = decoding_strategy(strategy)
-    result = reference.prefill(input_ids, attention_mask, pixel_values)
+    grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
+    result = reference.prefill(input_ids, attention_mask, pixel_values, **grid)
     working = copy.copy(result)
     working.caches = copy.deepcopy(result.caches)
     last = torch.tensor([int(c.length) - 1 for c in result.caches])
     valid_cols = [
-        reference.host.layouts(input_ids, attention_mask)[b].valid for b in range(len(result.caches))
+        reference.host.layouts(input_ids, attention_mask, **grid)[b].valid for b in range(len(result.caches))
     ]
     logits = torch.stack(
         [result.logits[b, valid_cols[b][last[b]]] for b in range(len(result.caches))]

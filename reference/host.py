@@ -45,16 +45,66 @@ class SampleLayout:
         visual: visual positions (indices into ``valid``), ascending ([layout.visual-set]).
         text: text positions, ascending ([layout.text-set]).
         images: every image's span of visual indices, in order (empty where the host gives none).
+        rotary: ``[R, T_b]`` long, the position ids of the valid tokens by position ([layout.rotary-ids]);
+            None for a 1-D RoPE host, whose position id is the position.
+        delta: the rope delta ``δ_b`` (0 for 1-D RoPE): decoded position ``p >= T_b`` has id ``p + δ_b``.
     """
 
     valid: torch.Tensor
     visual: tuple[int, ...]
     text: tuple[int, ...]
     images: tuple[ImageSpan, ...] = ()
+    rotary: torch.Tensor | None = None
+    delta: int = 0
 
     @property
     def length(self) -> int:
         return int(self.valid.numel())
+
+
+@dataclass(frozen=True)
+class RotaryIds:
+    """[layout.rotary-ids] A batch's position ids by position: ``ids[:, b, p]`` for ``p < T_b``, ``p + δ_b`` after.
+
+    Positions (ranks) drive everything else; only the rotary embedding reads ids, through ``lookup``.
+
+    Attributes:
+        ids: ``[R, B, W]`` long, ``W >= max_b T_b`` (columns past ``T_b`` unused).
+        lengths: ``[B]`` long, ``T_b``.
+        deltas: ``[B]`` long, ``δ_b``.
+    """
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    deltas: torch.Tensor
+
+    @classmethod
+    def from_layouts(cls, layouts: Sequence[SampleLayout]) -> RotaryIds | None:
+        """The table of a batch's layouts; None when the host has 1-D RoPE (no layout carries ids)."""
+        if all(layout.rotary is None for layout in layouts):
+            return None
+        R = next(layout.rotary for layout in layouts if layout.rotary is not None).shape[0]
+        width = max((layout.length for layout in layouts), default=0) + 1
+        ids = torch.zeros(R, len(layouts), width, dtype=torch.long)
+        for b, layout in enumerate(layouts):
+            ids[:, b, : layout.length] = layout.rotary
+        lengths = torch.tensor([layout.length for layout in layouts], dtype=torch.long)
+        deltas = torch.tensor([layout.delta for layout in layouts], dtype=torch.long)
+        return cls(ids, lengths, deltas)
+
+    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
+        """Ids ``[R, B, n]`` of positions ``[B, n]`` (decoded positions ``>= T_b``: ``p + δ_b`` on every axis)."""
+        device = positions.device
+        ids, lengths, deltas = self.ids.to(device), self.lengths.to(device), self.deltas.to(device)
+        R, _, width = ids.shape
+        inside = positions < lengths[:, None]  # [B, n]
+        gathered = ids.gather(2, positions.clamp(max=width - 1)[None].expand(R, -1, -1))  # [R, B, n]
+        return torch.where(inside[None], gathered, (positions + deltas[:, None])[None])
+
+    def select(self, index: torch.Tensor) -> RotaryIds:
+        """The rows ``index`` of the batch (one sample: ``index = [b]``; beams: repeated rows)."""
+        index = index.to(self.ids.device)
+        return RotaryIds(self.ids[:, index], self.lengths[index], self.deltas[index])
 
 
 @dataclass(frozen=True)
@@ -96,14 +146,23 @@ class Host(Protocol):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        *,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
-    def layouts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[SampleLayout]: ...
+    def layouts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        image_grid_thw: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> list[SampleLayout]: ...
 
     def rotary_embeddings(
-        self, hidden: torch.Tensor, positions: torch.Tensor
+        self, hidden: torch.Tensor, positions: torch.Tensor, ids: RotaryIds | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def decode_positions(self, lengths: torch.Tensor, step: int, count: int) -> torch.Tensor: ...
@@ -159,6 +218,7 @@ class LlavaHost:
         self.rotary: nn.Module = text.rotary_emb
         self.lm_head: nn.Module = model.lm_head
         self.image_token_id: int = self.config.image_token_id
+        self.rotary_axes: int = 1  # 1-D RoPE: the position id is the position ([layout.sequence])
 
     @property
     def num_layers(self) -> int:
@@ -168,8 +228,19 @@ class LlavaHost:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def layouts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[SampleLayout]:
-        """[layout.sequence] [layout.visual-set] [layout.text-set] Valid, visual and text positions per sample."""
+    def layouts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        image_grid_thw: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> list[SampleLayout]:
+        """[layout.sequence] [layout.visual-set] [layout.text-set] Valid, visual and text positions per sample.
+
+        LLaVA has 1-D RoPE: no ids to carry (``position_ids`` are checked against positions by the caller).
+        """
+        _no_grid(image_grid_thw)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out = []
@@ -199,6 +270,8 @@ class LlavaHost:
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        *,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[layout.visual-set] Merged input embeddings ``[B, T, D]``: token embeddings with image features scattered in.
 
@@ -206,6 +279,7 @@ class LlavaHost:
         on ``pixel_values`` (cast to the host's dtype), or are ``image_features``, the per-image ``[n_i, D]``
         the caller already computed with it (what ``generate`` does); never both.
         """
+        _no_grid(image_grid_thw)
         inner = self.model.model
         embeds = self.embed_tokens(input_ids)  # [B, T, D]
         placeholders = input_ids == self.image_token_id  # [B, T]
@@ -235,10 +309,10 @@ class LlavaHost:
         return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
 
     def rotary_embeddings(
-        self, hidden: torch.Tensor, positions: torch.Tensor
+        self, hidden: torch.Tensor, positions: torch.Tensor, ids: RotaryIds | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[B, n, head_dim]`` at the given position ids ``[B, n]`` ([routing.active.positions])."""
-        return self.rotary(hidden, positions)
+        """[routing.active.positions] cos, sin ``[B, n, head_dim]`` at positions ``[B, n]`` (1-D RoPE: id = position)."""
+        return self.rotary(hidden, positions if ids is None else ids.lookup(positions)[0])
 
     def decode_positions(self, lengths: torch.Tensor, step: int, count: int) -> torch.Tensor:
         """[cache.decode.positions] Position ids ``[B, count]`` of the next tokens: ``T_b + step + j`` (1-D RoPE)."""
@@ -252,6 +326,41 @@ class LlavaHost:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[routing.output] The host's final norm and head: ``[..., D] -> [..., V]``."""
         return self.lm_head(self.norm(hidden))
+
+
+class _BoundHost:
+    """A host whose ``rotary_embeddings`` reads one batch's ``RotaryIds`` (everything else is the host's)."""
+
+    def __init__(self, host: Host, ids: RotaryIds):
+        self.host, self.ids = host, ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.host, name)
+
+    def rotary_embeddings(
+        self, hidden: torch.Tensor, positions: torch.Tensor, ids: RotaryIds | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.host.rotary_embeddings(hidden, positions, self.ids if ids is None else ids)
+
+
+def bind_ids(host: Host, ids: RotaryIds | None) -> Host:
+    """[layout.rotary-ids] ``host`` with a batch's position-id table bound, so that callers pass positions only.
+
+    With ``ids`` None (a 1-D RoPE host) it is ``host`` itself. Routing code passes positions (ranks)
+    everywhere; the bound host maps them to ids inside ``rotary_embeddings`` and nowhere else.
+    """
+    if ids is None:
+        return host
+    if isinstance(host, _BoundHost):
+        host = host.host
+    return _BoundHost(host, ids)  # type: ignore[return-value]
+
+
+def _no_grid(image_grid_thw: torch.Tensor | None) -> None:
+    if image_grid_thw is not None:
+        raise RoutingError(
+            "layout.image-grid", "image_grid_thw was given to a host whose images have no grid input (LLaVA)"
+        )
 
 
 @contextlib.contextmanager

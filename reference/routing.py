@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from .compat import call_layer
 from .hooks import vision_reducer
-from .host import Host, SampleLayout, attention_implementation, causal_mask, host_for
+from .host import Host, RotaryIds, SampleLayout, attention_implementation, bind_ids, causal_mask, host_for
 from .schedule import RoutingConfig, RoutingError
 from .scoring import DecisionContext, probe_size, query_rows, scoring_method
 from .selection import ForcedSelection, candidate_pool, capped_k, check_forced, forced_choice, select_topk
@@ -35,11 +35,13 @@ class SampleCache:
         cache: a ``transformers.DynamicCache`` of batch 1 whose layers have different lengths.
         positions: per layer, ``[n_l]`` original positions of the entries, in cache order.
         length: T_b, the prefill length; decode positions continue from here ([cache.decode.positions]).
+        rotary: the sample's position-id table for an mRoPE host ([layout.rotary-ids]); None for 1-D RoPE.
     """
 
     cache: DynamicCache
     positions: list[torch.Tensor]
     length: int
+    rotary: RotaryIds | None = None
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``layer``: ``[H_kv, n_l, hd]`` each."""
@@ -160,14 +162,19 @@ class Reference:
         pixel_values: torch.Tensor | None = None,
         *,
         forced_selection: ForcedSelection | None = None,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> PrefillResult:
-        """Routed prefill of a batch, one sample at a time ([layout.batch-independence])."""
+        """Routed prefill of a batch, one sample at a time ([layout.batch-independence]).
+
+        ``image_grid_thw``: the images' grids, for a host whose images have one (Qwen2.5-VL).
+        """
         host, dtype = self.host, self.compute_dtype
         if pixel_values is not None:
             pixel_values = pixel_values.to(dtype)
+        grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
         with torch.no_grad(), attention_implementation(self.model, self.attention):
-            embeds = host.embed(input_ids, pixel_values)  # [B, T, D]
-            layouts = host.layouts(input_ids, attention_mask)
+            embeds = host.embed(input_ids, pixel_values, **grid)  # [B, T, D]
+            layouts = host.layouts(input_ids, attention_mask, **grid)
             routed = [bool(layout.visual) for layout in layouts]
             check_forced(forced_selection, len(layouts), self.config.schedule.num_decisions, routed)
             embeds, layouts = self.reducer(embeds, layouts)  # [layout.vision-reducer]
@@ -191,22 +198,28 @@ class Reference:
         """Route one sample: ``hidden`` is ``[T_b, D]``, its merged input embeddings."""
         config, schedule = self.config, self.config.schedule
         text, visual, N = layout.text, layout.visual, len(layout.visual)
+        rotary = RotaryIds.from_layouts([layout])
+        host = bind_ids(
+            self.host, rotary
+        )  # [layout.rotary-ids]: positions in, the sample's ids to the rotary
         generator = torch.Generator().manual_seed(config.scorer.seed)
         cache, kv_positions = DynamicCache(), []
         decisions: list[Decision] = []
         active_visual: list[tuple[int, ...]] = []
         selected: tuple[int, ...] | None = None
         previous_input = hidden
-        for index, layer in enumerate(self.host.layers):
+        for index, layer in enumerate(host.layers):
             if N and index in schedule.layers:  # [layout.text-only]: no decision without visual tokens
                 stage = schedule.layers.index(index)
-                decision = self._decide(stage, hidden, previous_input, layout, selected, forced, generator)
+                decision = self._decide(
+                    host, stage, hidden, previous_input, layout, selected, forced, generator
+                )
                 decisions.append(decision)
                 selected = decision.selected
             chosen = tuple(range(N)) if selected is None else selected  # [schedule.dense-prefix]
             active = sorted(text + tuple(visual[i] for i in chosen))
             previous_input = hidden
-            hidden = run_block(self.host, layer, hidden, active, cache)
+            hidden = run_block(host, layer, hidden, active, cache)
             active_visual.append(chosen)
             kv_positions.append(torch.tensor(active))
         sample = SampleTrace(
@@ -215,10 +228,11 @@ class Reference:
             decisions=tuple(decisions),
             active_visual=tuple(active_visual),
         )
-        return hidden, SampleCache(cache=cache, positions=kv_positions, length=layout.length), sample
+        return hidden, SampleCache(cache, kv_positions, layout.length, rotary), sample
 
     def _decide(
         self,
+        host: Host,
         stage: int,
         hidden: torch.Tensor,
         previous_input: torch.Tensor,
@@ -241,7 +255,7 @@ class Reference:
         )
         queries = query_rows(text, visual, config.scorer.query) if self.scoring.probes else ()
         context = DecisionContext(
-            host=self.host,
+            host=host,
             layer=layer_index,
             states=hidden,
             previous_states=previous_input,

@@ -209,6 +209,21 @@ def _build_presets() -> dict[str, RoutingConfig]:
         presets[f"ours_vs_pdrop_avg{tier}"] = RoutingConfig(
             Schedule((2, 7, 15, 23), _OURS_PDROP_RATIOS[tier]), policy="reroute"
         )
+    # [schedule.presets] The release's Qwen2.5-VL-7B (28 layers) schedules: LLaVA's ratios, of each sample's own
+    # N ([layout.image-grid]), at the layers of configs/experiment/qwen25vl/** (research/reroute.md §5.2).
+    for tier in (192, 128, 64):
+        presets[f"qwen25vl_fastv_K3_avg{tier}"] = RoutingConfig(
+            Schedule((3,), (_FASTV_RATIO[tier],)), policy="remove"
+        )
+        presets[f"qwen25vl_ours_vs_fastv_avg{tier}"] = RoutingConfig(
+            Schedule((3, 6, 13, 20), (_FASTV_RATIO[tier],) * 4), policy="reroute"
+        )
+        presets[f"qwen25vl_pdrop_earlyL2_avg{tier}"] = RoutingConfig(
+            Schedule((2, 6, 13, 20), _PDROP_RATIOS[tier]), policy="remove"
+        )
+        presets[f"qwen25vl_ours_vs_pdrop_avg{tier}"] = RoutingConfig(
+            Schedule((2, 6, 13, 20), _OURS_PDROP_RATIOS[tier]), policy="reroute"
+        )
     presets["pdrop_default"] = RoutingConfig(Schedule((8, 16, 24), (0.5, 0.25, 0.125)), policy="remove")
     presets["fastv_K2_R50"] = RoutingConfig(
         Schedule((2,), (0.5,)), policy="remove", scorer=Scorer(probe_layer="previous")

@@ -30,6 +30,10 @@ def test_outside_impl_passes_conform(tmp_path):
     command += ["--profile", "ci", "--max-examples", "2", "--device", "cpu", "--out", str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    summary = json.loads((tmp_path / "report.json").read_text())["summary"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    summary = report["summary"]
     assert summary["failed"] == summary["errors"] == 0, summary
-    assert summary["rules_checked"] == summary["rules_defined"], summary
+    # a LLaVA-only implementation (hosts = ...): the Qwen2.5-VL-only rules are skipped, every other checked
+    skipped = {rule for rule, entry in report["rules"].items() if entry["status"] == "skipped"}
+    assert skipped == {"layout.rotary-ids", "layout.image-grid"}, skipped
+    assert summary["rules_checked"] == summary["rules_defined"] - len(skipped), summary
