@@ -200,20 +200,10 @@ def _completion(
     }
 
 
-def build_report(
-    results: list[TestResult],
-    meta: dict[str, Any],
-    *,
-    not_run: dict[str, list[str]] | None = None,
-    stopped: str | None = None,
-) -> dict[str, Any]:
-    """The JSON report: summary, per-rule status, root causes, failures, skips, per-test results.
-
-    ``not_run``: tests collected but never reported (nodeid -> rules); ``stopped``: why the session
-    ended early (then the report is marked incomplete).
-    """
-    defined = spec_rules()
-    not_run = not_run or {}
+def _rule_table(
+    results: list[TestResult], not_run: dict[str, list[str]], defined: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Per rule: its spec file, tests, examples and status."""
     rules: dict[str, dict[str, Any]] = {
         r: {"file": f, "tests": [], "examples": 0, "status": "not run"} for r, f in defined.items()
     }
@@ -232,6 +222,24 @@ def build_report(
         for rule in test_rules:
             rules.setdefault(rule, {"file": None, "tests": [], "examples": 0, "status": "not run"})
             rules[rule]["tests"].append(nodeid)
+    return rules
+
+
+def build_report(
+    results: list[TestResult],
+    meta: dict[str, Any],
+    *,
+    not_run: dict[str, list[str]] | None = None,
+    stopped: str | None = None,
+) -> dict[str, Any]:
+    """The JSON report: summary, per-rule status, root causes, failures, skips, per-test results.
+
+    ``not_run``: tests collected but never reported (nodeid -> rules); ``stopped``: why the session
+    ended early (then the report is marked incomplete).
+    """
+    defined = spec_rules()
+    not_run = not_run or {}
+    rules = _rule_table(results, not_run, defined)
     checked = {rule for r in results if r.outcome == "passed" for rule in r.rules}  # a test naming it passed
     outcomes = collections.Counter(r.outcome for r in results)
     failures = [
@@ -308,33 +316,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if not report["failures"]:
         lines.append("None.")
     for failure in report["failures"]:
-        rule = failure.get("rule") or ", ".join(failure["rules"])
-        lines += [f"### `{rule}`: `{failure['test']}`", ""]
-        if failure.get("capability"):
-            lines.append(f"- missing capability: **{failure['capability']}**")
-        elif not failure.get("rule") and failure.get("type"):
-            lines.append(f"- raised `{failure['type']}` (a crash, not a failed check)")
-        if failure.get("failures"):
-            named = ", ".join(f"`{p.get('rule') or p.get('type')}`" for p in failure["failures"])
-            lines.append(
-                f"- {len(failure['failures'])} distinct failures ({failure.get('group')}): {named}; "
-                "the most upstream is shown"
-            )
-        if failure.get("observed") is not None or failure.get("allowed") is not None:
-            lines.append(f"- observed: `{failure.get('observed')}`; allowed: `{failure.get('allowed')}`")
-        lines.append(f"- test rules: {', '.join(f'`{r}`' for r in failure['rules'])}")
-        lines += ["", "```text", str(failure.get("message", "")).strip()[:3000], "```", ""]
-        if failure.get("reproducer"):
-            lines += ["Minimal reproducer:", "", "```python", failure["reproducer"], "```", ""]
-        if failure.get("falsifying_example"):
-            lines += [
-                "Hypothesis's falsifying example:",
-                "",
-                "```text",
-                failure["falsifying_example"][:3000],
-                "```",
-                "",
-            ]
+        lines += _failure_lines(failure)
     lines += ["", "## Skips", ""]
     if not report["skips"]:
         lines.append("None.")
@@ -346,6 +328,39 @@ def render_markdown(report: dict[str, Any]) -> str:
         tests = ", ".join(f"`{t.split('::')[-1]}`" for t in entry["tests"])
         lines.append(f"| `{rule}` | {entry['status']} | {entry['examples']} | {tests} |")
     return "\n".join(lines) + "\n"
+
+
+def _failure_lines(failure: dict[str, Any]) -> list[str]:
+    """One failure's section of report.md."""
+    lines: list[str] = []
+    rule = failure.get("rule") or ", ".join(failure["rules"])
+    lines += [f"### `{rule}`: `{failure['test']}`", ""]
+    if failure.get("capability"):
+        lines.append(f"- missing capability: **{failure['capability']}**")
+    elif not failure.get("rule") and failure.get("type"):
+        lines.append(f"- raised `{failure['type']}` (a crash, not a failed check)")
+    if failure.get("failures"):
+        named = ", ".join(f"`{p.get('rule') or p.get('type')}`" for p in failure["failures"])
+        lines.append(
+            f"- {len(failure['failures'])} distinct failures ({failure.get('group')}): {named}; "
+            "the most upstream is shown"
+        )
+    if failure.get("observed") is not None or failure.get("allowed") is not None:
+        lines.append(f"- observed: `{failure.get('observed')}`; allowed: `{failure.get('allowed')}`")
+    lines.append(f"- test rules: {', '.join(f'`{r}`' for r in failure['rules'])}")
+    lines += ["", "```text", str(failure.get("message", "")).strip()[:3000], "```", ""]
+    if failure.get("reproducer"):
+        lines += ["Minimal reproducer:", "", "```python", failure["reproducer"], "```", ""]
+    if failure.get("falsifying_example"):
+        lines += [
+            "Hypothesis's falsifying example:",
+            "",
+            "```text",
+            failure["falsifying_example"][:3000],
+            "```",
+            "",
+        ]
+    return lines
 
 
 def _attribution_lines(attributed: dict[str, Any] | None) -> list[str]:
