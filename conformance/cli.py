@@ -1,11 +1,13 @@
 """``rerouting conform``: run the conformance suite against an implementation and write its report.
 
     rerouting conform --impl optimized [--max-examples N] [--out DIR] [--profile ci|dev|nightly]
-                      [--dtypes float32,bfloat16] [--device cpu|cuda] [-n auto] [-- extra pytest args]
+                      [--dtypes float32,bfloat16] [--device cpu|cuda] [-n auto] [--time-budget SECONDS]
+                      [-x] [--maxfail N] [-- extra pytest args]
 
 Runs ``pytest -p rerouting.conformance.plugin --pyargs rerouting.conformance`` in-process with the
 report collector on, writes ``DIR/report.json`` and ``DIR/report.md`` (default ``rerouting-conform``)
-and returns pytest's exit code (0 = every rule passed).
+and returns pytest's exit code (0 = every rule passed). The report is written however the run ends
+(all tests, ``-x``/``--maxfail``, ``--time-budget`` spent, Ctrl-C); an incomplete one says so.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ def _at_least_one(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: a property needs at least 1 example")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g}: give a positive number of seconds")
     return value
 
 
@@ -55,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-k", dest="keyword", default=None, help="only tests matching this pytest -k expression"
     )
+    parser.add_argument(
+        "--time-budget",
+        type=_positive_seconds,
+        default=None,
+        help="seconds for the run: once spent, the remaining tests are skipped and the report says so",
+    )
+    parser.add_argument("-x", "--exitfirst", action="store_true", help="stop after the first failing test")
+    parser.add_argument("--maxfail", type=_at_least_one, default=None, help="stop after N failing tests")
     parser.add_argument("pytest_args", nargs="*", help="extra arguments for pytest (after --)")
     return parser
 
@@ -92,6 +112,12 @@ def pytest_arguments(options: argparse.Namespace) -> list[str]:
         args += ["-n", str(options.numprocesses)]
     if options.keyword:
         args += ["-k", options.keyword]
+    if options.time_budget is not None:
+        args += ["--time-budget", f"{options.time_budget:g}"]
+    if options.exitfirst:
+        args += ["-x"]
+    if options.maxfail is not None:
+        args += ["--maxfail", str(options.maxfail)]
     return args + list(options.pytest_args)
 
 
@@ -115,10 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     code = int(pytest.main(args))
     print(f"rerouting conform: exit {code} in {time.time() - started:.1f} s; pytest {shlex.join(args)}")
     if all((out / name).exists() for name in REPORT_FILES):
-        print(f"report: {out / 'report.md'} and {out / 'report.json'}")
+        print(f"report: {out / 'report.md'} and {out / 'report.json'}{_incomplete(out)}")
     else:
         print(f"no report: the run stopped before its tests ran (exit {code})")
     return code
+
+
+def _incomplete(out: Path) -> str:
+    """`` (incomplete: why)`` when the report says the run stopped early, else ``""``."""
+    import json
+
+    try:
+        summary = json.loads((out / "report.json").read_text())["summary"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return "" if summary.get("complete", True) else f" (incomplete: {summary.get('reason')})"
 
 
 if __name__ == "__main__":  # pragma: no cover

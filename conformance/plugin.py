@@ -6,7 +6,8 @@ package's conftest), or by a ``pytest11`` entry point.
 
 Options: ``--impl reference|optimized|package.module:object`` (default ``$REROUTING_IMPL``, else
 ``reference``), ``--max-examples N``, ``--dtypes float32,bfloat16`` (``$REROUTING_DTYPES``; that is the default),
-``--device cpu|cuda`` (default: cuda when available), ``--report-dir DIR``.
+``--device cpu|cuda`` (default: cuda when available), ``--report-dir DIR``, ``--time-budget SECONDS``
+(once spent, the remaining tests are skipped with that reason; the report says it is incomplete).
 
 Profiles (Hypothesis settings): ``ci`` (loaded when ``CI`` is set: derandomized, no deadline, no
 example database, few examples), ``dev`` (default locally) and ``nightly`` (1000 examples); pick
@@ -15,7 +16,11 @@ one with ``--hypothesis-profile``. ``--max-examples`` overrides the profile's co
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +91,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--device", default=None, help="device under test: cpu or cuda (default: cuda when available)"
     )
     group.addoption("--report-dir", default=None, help="write report.json and report.md to this folder")
+    group.addoption(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the run: once spent, the remaining tests are skipped (the report says so)",
+    )
 
 
 def _options(config: pytest.Config) -> dict:
@@ -140,15 +151,39 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(1)
+    config._rerouting_deadline = _deadline(config)
     out = config.getoption("report_dir")
     if out and not hasattr(
         config, "workerinput"
     ):  # the controller of pytest -n collects the workers' reports
         meta = {**options, "dtypes": ",".join(options["dtypes"]), "profile": _profile(config)}
         meta["max_examples"] = settings.get_profile(meta["profile"]).max_examples
+        if config.getoption("time_budget") is not None:
+            meta["time_budget_s"] = config.getoption("time_budget")
         config.pluginmanager.register(
             report.Collector(out_dir=out, meta=meta), "rerouting-conformance-report"
         )
+        _terminate_as_interrupt()
+
+
+def _deadline(config: pytest.Config) -> float | None:
+    budget = config.getoption("time_budget", None)
+    if budget is not None and budget <= 0:
+        raise pytest.UsageError(f"--time-budget {budget:g}: give a positive number of seconds")
+    return None if budget is None else time.monotonic() + budget
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a CI timeout, ``kill``) ends the run like Ctrl-C, so that the report is still written."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with contextlib.suppress(ValueError, OSError):
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, interrupt)
 
 
 def _is_suite_item(item: pytest.Item) -> bool:
@@ -195,6 +230,12 @@ def impl(request: pytest.FixtureRequest):
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     report.set_current(item.nodeid)
+    deadline = getattr(item.config, "_rerouting_deadline", None)
+    if deadline is not None and _is_suite_item(item) and time.monotonic() > deadline:
+        budget = item.config.getoption("time_budget")
+        pytest.skip(
+            f"{report.TIME_BUDGET_SKIP} of {budget:g} s spent before this test started (--time-budget)"
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)

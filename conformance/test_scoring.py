@@ -60,11 +60,26 @@ def test_scorer(impl, data):
 
 
 def check_random(impl, case):
-    """Random scores are the seeded float64 draws cast to float32, bit for bit; decisions are then exact."""
-    _probe(impl, case, "scoring.scorer.random")
+    """Random scores are the seeded float64 draws cast to float32, bit for bit; decisions are then exact.
+
+    The random scorer runs no probe, so every decision records ``probe_keys = probe_queries = 0``
+    ([budget.flops.probe]: "the random scorer costs zero"; the budget is computed from those sizes).
+    """
+    obs = _probe(impl, case, "scoring.scorer.random")
+    for b, sample in enumerate(obs.out.trace.samples):
+        for decision in sample.decisions:
+            sizes = (int(decision.probe_keys), int(decision.probe_queries))
+            check(
+                sizes == (0, 0),
+                "budget.flops.probe",
+                f"sample {b}, decision at layer {decision.layer}: the random scorer runs no probe, but the "
+                f"trace records probe_keys={sizes[0]}, probe_queries={sizes[1]} (expected 0, 0)",
+                observed=sizes,
+                allowed=(0, 0),
+            )
 
 
-@pytest.mark.spec("scoring.scorer.random")
+@pytest.mark.spec("scoring.scorer.random", "budget.flops.probe")
 @given(data=st.data())
 def test_random(impl, data):
     scorer = st.builds(Scorer, kind=st.just("random"), seed=st.integers(0, 2**16))

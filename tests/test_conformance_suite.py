@@ -30,9 +30,10 @@ from rerouting.conformance.test_routing import (
     check_readmit,
     check_remove_as_reroute,
 )
+from rerouting.conformance.test_scoring import check_random
 from rerouting.conformance.test_selection import check_tiebreak, check_topk
-from rerouting.reference import RoutingConfig, Schedule, Trace
-from rerouting.reference.compat import call_layer
+from rerouting.reference import RoutingConfig, Schedule, Scorer, Trace
+from rerouting.reference.compat import call_layer, layer_cache_argument
 from rerouting.reference.host import causal_mask as true_causal_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -123,6 +124,40 @@ class RenumberedPositions(Patched):
         return run_block
 
 
+class ImplicitCausalMask(Patched):
+    """Block_l gets ``attention_mask=None`` and leaves causality to the kernel: SDPA's implicit causal mask.
+
+    Runs under the host's own kernel (as an outside implementation does) and calls the layer directly,
+    past ``call_layer``'s guard. Exact under SDPA (one unpadded sample, active rows ascending); under
+    eager attention there is then no mask at all.
+    """
+
+    name, attr = "implicit-causal-mask", "run_block"
+
+    def prefill(self, model, config, *args, **kwargs):
+        kernel = model.config.get_text_config()._attn_implementation
+        return super().prefill(model, config, *args, attention=kernel, **kwargs)
+
+    def replacement(self, original):
+        def run_block(host, layer, hidden, active, cache):
+            idx = torch.tensor(active)
+            x = hidden[idx][None]
+            cos, sin = host.rotary_embeddings(x, idx[None])
+            out = layer(  # the bug: no mask, and no is_causal request either
+                x,
+                attention_mask=None,
+                position_ids=idx[None],
+                use_cache=True,
+                position_embeddings=(cos, sin),
+                **{layer_cache_argument(type(layer)): cache},
+            )
+            result = hidden.clone()
+            result[idx] = out[0]
+            return result
+
+        return run_block
+
+
 class HighIndexTiebreak(Patched):
     """Equal scores go to the higher visual index (torch.topk leaves ties implementation-defined)."""
 
@@ -187,6 +222,27 @@ class NoReadmission(ReferenceImpl):
             )
             samples.append(dataclasses.replace(sample, decisions=decisions))
         out.trace = Trace(policy="reroute", num_layers=out.trace.num_layers, samples=tuple(samples))
+        return out
+
+
+class RandomScorerProbeSizes(ReferenceImpl):
+    """Under the random scorer, records the attention probe's sizes (every token, one query row) anyway."""
+
+    name = "random-scorer-probe-sizes"
+
+    def prefill(self, *args, **kwargs):
+        out = super().prefill(*args, **kwargs)
+        samples = tuple(
+            dataclasses.replace(
+                sample,
+                decisions=tuple(
+                    dataclasses.replace(d, probe_keys=sample.seq_len, probe_queries=1)
+                    for d in sample.decisions
+                ),
+            )
+            for sample in out.trace.samples
+        )
+        out.trace = dataclasses.replace(out.trace, samples=samples)
         return out
 
 
@@ -279,6 +335,14 @@ def test_dropped_causal_mask_is_caught():
     assert failure(check_causal, NoCausalMask(), case()).rule == "routing.active.causal"
 
 
+@pytest.mark.spec("routing.active.causal")
+def test_implicit_causal_mask_is_caught_on_an_eager_host():
+    """``attention_mask=None`` passes on an SDPA host (its implicit causal mask) and fails on an eager one."""
+    check_causal(Checked(ImplicitCausalMask()), case(host=dataclasses.replace(HOST, attention="sdpa")))
+    eager = case(host=dataclasses.replace(HOST, attention="eager"))
+    assert failure(check_causal, ImplicitCausalMask(), eager).rule == "routing.active.causal"
+
+
 def test_renumbered_positions_are_caught():
     assert (
         failure(check_positions, RenumberedPositions(), case(Schedule((1,), (0.25,)))).rule
@@ -291,6 +355,16 @@ def test_missing_readmission_is_caught():
     assert error.rule == "selection.topk", (
         error
     )  # a deferred token the probe ranks first is never re-selected
+
+
+@pytest.mark.spec("budget.flops.probe")
+def test_probe_sizes_under_the_random_scorer_are_caught():
+    random = dataclasses.replace(
+        case(), config=RoutingConfig(TWO_DECISIONS, scorer=Scorer(kind="random", seed=5))
+    )
+    check_random(Checked(ReferenceImpl()), random)
+    error = failure(check_random, RandomScorerProbeSizes(), random)
+    assert error.rule == "budget.flops.probe" and "probe_keys=" in str(error), error
 
 
 def test_wrong_tiebreak_is_caught():

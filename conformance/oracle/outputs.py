@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -165,6 +166,7 @@ def compare_layer_kv(
             observed=len(positions),
             allowed=len(expected),
         )
+    compare = {}
     for name, a, t, y in (
         ("keys", mine.keys, truth.keys, yard.keys),
         ("values", mine.values, truth.values, yard.values),
@@ -175,14 +177,40 @@ def compare_layer_kv(
             rule,
             f"{where}: {name} have shape {tuple(a.shape)}, expected [H_kv, n_l, hd] = {tuple(t.shape)}",
         )
-        if contents:
-            _compare_rows(
-                f"{where} {name}",
-                rule,
-                a.transpose(0, 1),
-                t.transpose(0, 1),
-                y.transpose(0, 1),
-                dtype,
-                [f"entry at position {p}" for p in positions],
-                family_error=(family or {}).get(name, 0.0),
-            )
+        compare[name] = functools.partial(
+            _compare_rows,
+            f"{where} {name}",
+            rule,
+            a.transpose(0, 1),
+            t.transpose(0, 1),
+            y.transpose(0, 1),
+            dtype,
+            [f"entry at position {p}" for p in positions],
+            family_error=(family or {}).get(name, 0.0),
+        )
+    if contents:
+        _compare_keys_then_values(compare["keys"], compare["values"])
+
+
+def _compare_keys_then_values(keys: Callable[[], None], values: Callable[[], None]) -> None:
+    """[routing.active.positions] Keys, then values; keys wrong over right values is a RoPE position bug.
+
+    K and V of a layer come from the same normed input; only the keys are rotated. So keys out of
+    tolerance while the values are within it point at the rotary positions, whatever the test's rule.
+    """
+    try:
+        keys()
+    except ConformanceFailure as error:
+        try:
+            values()
+        except ConformanceFailure:
+            raise error from None
+        message = str(error).split("\n")[0].split("] ", 1)[-1]
+        raise ConformanceFailure(
+            "routing.active.positions",
+            f"{message}; the values of this layer match, so the keys' rotary positions differ "
+            f"(found by a check of [{error.rule}])",
+            observed=error.observed,
+            allowed=error.allowed,
+        ) from None
+    values()

@@ -4,7 +4,9 @@ A :class:`Case` is everything one example needs, as plain frozen data whose ``re
 constructor, so a failing example is reproduced by pasting it:
 
 - :class:`HostSpec`: a tiny ``LlavaForConditionalGeneration`` (LLaMA decoder with GQA, CLIP tower),
-  including ``ties``, which makes ties on purpose (below);
+  including ``ties``, which makes ties on purpose (below), and ``attention``, the decoder's attention
+  kernel (``eager`` or ``sdpa``, drawn as its own labelled choice: an implementation that leaves
+  causality to SDPA's implicit mask fails under ``eager``, [routing.active.causal]);
 - :class:`Layout`: each sample's text runs around its images, the padding side and the seed of the
   token ids and pixels (drawn from a local ``torch.Generator``, never the global RNG);
 - a ``RoutingConfig`` (schedule, policy, scorer) and the dtype under test.
@@ -33,6 +35,7 @@ from hypothesis import strategies as st
 from transformers import LlavaConfig
 
 from rerouting.reference import PRESETS, RoutingConfig, Schedule, Scorer
+from rerouting.reference.routing import KERNELS
 from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
 
 DTYPES: dict[str, torch.dtype] = {
@@ -64,7 +67,8 @@ SETTINGS = SuiteSettings()
 
 @dataclass(frozen=True)
 class HostSpec:
-    """A tiny LLaVA host. ``grid**2`` visual tokens per image; ``ties`` in :data:`TIE_MODES`."""
+    """A tiny LLaVA host. ``grid**2`` visual tokens per image; ``ties`` in :data:`TIE_MODES`; ``attention``
+    the decoder's attention implementation, one of ``KERNELS`` (``eager``, ``sdpa``)."""
 
     num_layers: int = 4
     hidden_size: int = 32
@@ -75,6 +79,7 @@ class HostSpec:
     grid: int = 2
     seed: int = 0
     ties: str = "none"
+    attention: str = "sdpa"
 
     @property
     def tokens_per_image(self) -> int:
@@ -101,6 +106,7 @@ def build_model(host: HostSpec, dtype: str = "float32", device: str = "cpu"):
     if dtype != "float32" or device != "cpu":
         return copy.deepcopy(build_model(host)).to(device=device, dtype=DTYPES[dtype])
     model = tiny_llava(host.llava_config(), seed=host.seed)
+    model.set_attn_implementation({"text_config": host.attention})
     if host.ties != "none":
         factor = 0.0 if host.ties == "exact" else 10.0 ** -int(host.ties.split("-")[1])
         with torch.no_grad():
@@ -358,7 +364,11 @@ def draw_case(
     **schedule_options,
 ) -> Case:
     """Draw a complete case, one labelled draw per part; ``schedule_options`` go to :func:`schedules`."""
-    host_spec = data.draw(host if host is not None else hosts(), label="host")
+    # the kernel the implementation is handed: one more labelled choice, not a second run of the property
+    kernel = data.draw(st.sampled_from(KERNELS), label="attention")
+    host_spec = data.draw(
+        (host if host is not None else hosts()).map(lambda h: replace(h, attention=kernel)), label="host"
+    )
     scorer_value = data.draw(scorer if scorer is not None else st.just(Scorer()), label="scorer")
     needs_text_after = scorer_value.query == "text-after-image"
     layout_value = data.draw(
