@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from rerouting.conformance.oracle import expect_error
 from rerouting.conformance.oracle.tolerance import compare
 from rerouting.conformance.protocol import check
 from rerouting.reference import Reference, RoutingConfig, Schedule
+from rerouting.reference.host_qwen import mrope_release_ok
 from rerouting.reference.tiny_qwen import IMAGE_TOKEN_ID, TWO_SAMPLES, make_qwen_batch, tiny_qwen
 
 MULTI = Schedule((1, 3, 4), (0.5, 0.5, 0.25))
@@ -33,6 +35,10 @@ def impl(impl):
     """The implementation under test, on this module's host only if it takes it (its ``hosts`` attribute)."""
     if not impl.supports_host(QWEN):
         pytest.skip(f"{impl.name} declares hosts {list(impl.impl.hosts)}, not {QWEN}")
+    if not mrope_release_ok():
+        pytest.skip(
+            f"transformers {importlib.metadata.version('transformers')} has the Qwen mRoPE bug (#45325)"
+        )
     return impl
 
 

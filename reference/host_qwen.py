@@ -34,6 +34,12 @@ MROPE_FIXED = Version("5.6")
 MROPE_ISSUE = "huggingface/transformers#45325 (fixed by #45330)"
 
 
+def mrope_release_ok(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed transformers) computes Qwen2.5-VL's mRoPE ids correctly."""
+    installed = importlib.metadata.version("transformers") if version is None else version
+    return Version(installed) >= MROPE_FIXED
+
+
 def check_mrope_release(version: str | None = None) -> None:
     """[layout.rotary-ids] Refuse a transformers whose ``get_rope_index`` scales image ``t`` ids (before 5.6)."""
     installed = importlib.metadata.version("transformers") if version is None else version
