@@ -1,4 +1,4 @@
-"""Benchmark of the optimized path on a mid-size LLaMA-shaped LLaVA with random weights (``rerouting bench``).
+"""Benchmark of the optimized path on a mid-size LLaVA or Qwen2.5-VL with random weights (``rerouting bench``).
 
 Side by side in one run, per keep tier and batch size:
 
@@ -10,10 +10,13 @@ Side by side in one run, per keep tier and batch size:
 - ``reference``: the reference reroute (batch 1 only, fewer repeats), against ``reroute_full``, the optimized
   reroute producing the same outputs as the reference (logits of every position).
 
-Model: 8 LLaMA layers (hidden 1024, 16 heads, no GQA, intermediate 2816, vocabulary 32064), 576 visual tokens
-(one 336 px image, patch 14) + 60 text tokens; the vision tower is ``tiny_llava_config``'s small CLIP (hidden
-32, 2 layers), so the times are the decoder's. A tier is the kept count k after each decision; its realized
-avg_T over the 8 layers ((576 + 7k) / 8, layer 0 dense) is recorded next to it.
+Models (``--host``, ``bench_hosts``): ``llava`` (default), 8 LLaMA layers (hidden 1024, 16 heads, no GQA,
+intermediate 2816, vocabulary 32064), 576 visual tokens (one 336 px image, patch 14) + 60 text tokens; or
+``qwen2.5-vl``, Qwen2.5-VL-7B's text config scaled to 8 layers (hidden 1024, GQA 16/2, intermediate 5376,
+q/k/v biases, mRoPE [8, 12, 12]), two images of different grids (256 + 320 = 576 visual tokens) + 60 text
+tokens. Both vision towers are tiny, so the times are the decoder's. A tier is the kept count k after each
+decision (of each sample's N); its realized avg_T over the 8 layers ((576 + 7k) / 8, layer 0 dense) is
+recorded next to it.
 
 The timed prefills of dense / remove / reroute return the last position's logits (what ``generate`` asks
 for). Times are medians over ``--repeats`` runs after a warm-up. Peak memory is the extra memory of one call:
@@ -41,73 +44,38 @@ import json
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlavaForConditionalGeneration
 
 from rerouting.reference import Reference, RoutingConfig, Schedule, Trace
 from rerouting.reference.archs import ArchSpec
 from rerouting.reference.budget import budget_from_trace
 from rerouting.reference.flops import avg_visual_tokens, layer_flops_true
-from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava_config
 
 from .bench_decode import decode_row, decode_table
+from .bench_hosts import (
+    FULL,
+    HOST_NAMES,
+    QUICK,
+    QwenShape,
+    Shape,
+    build_model,
+    dense_inputs,
+    make_inputs,
+    shapes,
+)
 from .bench_report import row_line, table
 from .bench_targets import TARGETS, verdict
 from .bench_timing import _pin_mmap_threshold, peak_memory, timed
 from .routing import routed_prefill
 
-
-@dataclass(frozen=True)
-class Shape:
-    """The benchmarked model and prompt."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    vocab_size: int
-    image_size: int
-    patch_size: int
-    text_runs: tuple[int, int]  # text before and after the image
-    tiers: tuple[int, ...]  # kept visual tokens k per tier
-
-    @property
-    def num_visual(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def prompt_length(self) -> int:
-        return self.num_visual + sum(self.text_runs)
+__all__ = ["FULL", "QUICK", "Shape", "build_model", "main", "run"]
 
 
-FULL = Shape(8, 1024, 16, 16, 2816, 32064, 336, 14, (35, 25), (192, 128, 64))  # 576 visual + 60 text
-QUICK = Shape(4, 128, 4, 4, 352, 1000, 64, 8, (10, 6), (21, 14, 7))  # 64 visual; tiers scaled by 64/576
-
-
-def build_model(shape: Shape, dtype: torch.dtype, device: str) -> LlavaForConditionalGeneration:
-    """A LLaVA (LLaMA decoder, CLIP tower) from a real config with random weights, SDPA attention."""
-    config = tiny_llava_config(
-        num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
-        num_heads=shape.num_heads,
-        num_kv_heads=shape.num_kv_heads,
-        intermediate_size=shape.intermediate_size,
-        vocab_size=shape.vocab_size,
-        image_size=shape.image_size,
-        patch_size=shape.patch_size,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(config)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def schedules(shape: Shape, k: int) -> dict[str, RoutingConfig]:
+def schedules(shape: Shape | QwenShape, k: int) -> dict[str, RoutingConfig]:
     """Reroute (decisions 1, 3, 5, ...) and remove (decision 1) keeping the same k: equal per-layer counts."""
     reroute_layers = tuple(range(1, shape.num_layers, 2))
     return {
@@ -128,13 +96,6 @@ def flops(trace: Trace, arch: ArchSpec, config: RoutingConfig) -> dict[str, int]
 
 
 # --- the run ---------------------------------------------------------------------------------------
-
-
-def _batch(model, shape: Shape, batch_size: int, device: str, dtype: torch.dtype) -> dict:
-    batch = make_batch(model.config, [SampleSpec(shape.text_runs)] * batch_size, seed=batch_size)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    return batch
 
 
 def _against_reference(model, config: RoutingConfig, batch: dict, settings: dict) -> tuple[dict, dict]:
@@ -196,11 +157,13 @@ def _prefill_row(
 
 def _prefill_rows(model, arch: ArchSpec, shape: Shape, batch_size: int, settings: dict, log) -> list[dict]:
     """Every tier's row at one batch size, the dense forward's peak memory measured once for all."""
-    batch = _batch(model, shape, batch_size, settings["device"], settings["dtype"])
+    batch = make_inputs(model, shape, batch_size, settings["device"], settings["dtype"])
 
-    def dense(batch=batch):
+    inputs = dense_inputs(model, batch)  # the host's own forward: Qwen's also get mm_token_type_ids
+
+    def dense(inputs=inputs):
         with torch.no_grad():
-            return model(**batch, use_cache=True, logits_to_keep=1)
+            return model(**inputs, use_cache=True, logits_to_keep=1)
 
     dense_memory = peak_memory(dense, settings["device"])
     rows = []
@@ -214,6 +177,7 @@ def _record(shape: Shape, arch: ArchSpec, settings: dict, pinned: bool, load_bef
     """The JSON-ready record: the setup (versions, shape, schedules, timing) around the measured rows."""
     device = settings["device"]
     return {
+        "host": "qwen2.5-vl" if isinstance(shape, QwenShape) else "llava",
         "device": _device_name(device),
         "dtype": str(settings["dtype"]).removeprefix("torch."),
         "threads": torch.get_num_threads(),
@@ -243,7 +207,7 @@ def _record(shape: Shape, arch: ArchSpec, settings: dict, pinned: bool, load_bef
 
 
 def run(
-    shape: Shape,
+    shape: Shape | QwenShape,
     *,
     device: str,
     dtype: torch.dtype,
@@ -266,9 +230,10 @@ def run(
     rows = [row for b in batches for row in _prefill_rows(model, arch, shape, b, settings, log)]
     decode = []
     for batch_size in decode_batches:
-        batch = _batch(model, shape, batch_size, device, dtype)
+        batch = make_inputs(model, shape, batch_size, device, dtype)
         for k in shape.tiers:
-            decode.append(decode_row(model, schedules(shape, k)["reroute"], batch, decode_steps, timing))
+            config = schedules(shape, k)["reroute"]
+            decode.append(decode_row(model, config, batch, decode_steps, timing, dense_inputs(model, batch)))
             log(decode_table(decode[-1:]).splitlines()[-1])
     record = _record(shape, arch, settings, pinned, load_before, rows, decode)
     record["verdict"] = verdict(rows)
@@ -286,6 +251,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rerouting bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--host", default="llava", choices=HOST_NAMES, help="the benchmarked model family (default llava)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     parser.add_argument(
@@ -353,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     record = run(
-        QUICK if args.quick else FULL,
+        shapes(args.host, args.quick),
         device=args.device,
         dtype=_DTYPES[args.dtype],
         batches=args.batches,

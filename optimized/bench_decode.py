@@ -36,6 +36,9 @@ def _dense_state(model: nn.Module, batch: dict) -> dict:
         out = model(**batch, use_cache=True, logits_to_keep=1)
     mask = batch["attention_mask"]
     positions = mask.long().sum(-1, keepdim=True)  # [B, 1]: T_b, the first decoded position
+    deltas = getattr(getattr(model, "model", None), "rope_deltas", None)  # an mRoPE host's δ_b, [B, 1]
+    if deltas is not None:  # [cache.decode.positions] ids T_b + δ_b + step on all three axes: [3, B, 1]
+        positions = (positions + deltas.to(positions)).unsqueeze(0).expand(3, -1, -1)
     return {"cache": output_cache(out), "token": out.logits[:, -1].argmax(-1, keepdim=True), "mask": mask,
             "positions": positions}  # fmt: skip
 
@@ -86,9 +89,19 @@ def kv_entries(cache, num_layers: int) -> int:
     raise TypeError(type(cache).__name__)
 
 
-def decode_row(model: nn.Module, config: RoutingConfig, batch: dict, steps: int, timing: dict) -> dict:
-    """One (batch, k) row: tokens/s of both methods, their ratio and the KV bound."""
-    dense = _dense_state(model, batch)
+def decode_row(
+    model: nn.Module,
+    config: RoutingConfig,
+    batch: dict,
+    steps: int,
+    timing: dict,
+    dense_batch: dict | None = None,
+) -> dict:
+    """One (batch, k) row: tokens/s of both methods, their ratio and the KV bound.
+
+    ``dense_batch``: the host's own forward's inputs when they differ from ``batch`` (Qwen's ``mm_token_type_ids``).
+    """
+    dense = _dense_state(model, batch if dense_batch is None else dense_batch)
     result = routed_prefill(model, config, **batch, logits_to_keep=1)
     routed = {"cache": result.cache, "token": result.logits[:, -1].argmax(-1, keepdim=True)}
     fns = {"dense": dense_decode(model, steps), "reroute": routed_decode(model, steps)}

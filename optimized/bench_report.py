@@ -27,7 +27,7 @@ def table(record: dict) -> str:
         "peak MiB dense/remove/reroute[/opt_full/ref]"
     )
     lines = [
-        f"device: {record['device']}, dtype {record['dtype']}, {record['clock']} clock, repeats {record['repeats']} "
+        f"device: {record['device']}, host {record.get('host', 'llava')}, dtype {record['dtype']}, {record['clock']} clock, repeats {record['repeats']} "
         f"(reference {record['reference_repeats']}), shape {record['shape']}",
         head,
     ]

@@ -92,6 +92,7 @@ def test_default_run_json_schema(default_run):
         "num_text_source": "default",
         "visual_start": 0,
         "batch": 1,
+        "image": None,  # --image-size: tests/test_audit_image_size.py
     }
     assert report["policies"] == ["remove", "reroute"] and report["kv_dtype"] == "float16"
     assert set(report["convention_definitions"]) == {"true", "fastv", "pdrop", "nuwa"}

@@ -426,6 +426,7 @@ def test_quick_bench_writes_its_record(tmp_path):
     assert bench.main([*argv, "--out", str(tmp_path)]) == 0  # --out is a folder, like elsewhere
     assert (tmp_path / "bench.txt").read_text().startswith("device: cpu")
     record = json.loads(out.read_text())
+    assert record["host"] == "llava"
     assert record["threads"] == 1 and record["clock"] == "cpu"  # CPU defaults: one thread, CPU clock
     assert record["verdict"]["judged"] is False
     assert [(row["batch"], row["k"]) for row in record["decode"]] == [
@@ -452,9 +453,36 @@ def test_quick_bench_writes_its_record(tmp_path):
             assert "reference_over_optimized" in row["ratios"]
 
 
+@pytest.mark.spec("budget.active-counts", "budget.flops.true", "layout.image-grid", "cache.decode.positions")
+def test_quick_qwen_bench_writes_its_record(tmp_path):
+    """``--host qwen2.5-vl --quick``: the same record, on a Qwen2.5-VL with two images of different grids."""
+    from rerouting.optimized import bench, bench_hosts
+
+    shape = bench_hosts.QWEN_QUICK
+    argv = ["--host", "qwen2.5-vl", "--quick", "--repeats", "1", "--warmup", "0", "--decode-batches", "2"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record["host"] == "qwen2.5-vl" and record["verdict"]["judged"] is False
+    assert (
+        record["arch"]["num_kv_heads"] == 2 and record["arch"]["attention_bias"] is True
+    )  # GQA, q/k/v biases
+    assert record["shape"]["grids"] == [list(g) for g in shape.grids] and record["shape"]["num_visual"] == 64
+    assert [row["k"] for row in record["rows"]] == list(shape.tiers)
+    for row in record["rows"]:
+        assert {"dense", "remove", "reroute", "reference", "reroute_full"} <= set(row["times"])
+        assert row["layer_visual_counts"] == [64] + [row["k"]] * (shape.num_layers - 1)
+        assert row["flops"]["dense"] > row["flops"]["routed"] > 0 and row["ratios"]["flops_bound"] > 1
+    assert [(row["batch"], row["k"]) for row in record["decode"]] == [(2, k) for k in shape.tiers]
+    for row in record["decode"]:
+        assert row["kv_entries"]["dense"] == 2 * shape.prompt_length * shape.num_layers
+        assert row["tokens_per_s"]["dense"] > 0 and row["tokens_per_s"]["reroute"] > 0
+    assert bench.parse_args([]).host == "llava"  # the default host
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--host", "qwen3"], "invalid choice: 'qwen3'"),
         (["--repeats", "0"], "--repeats 0 is not a positive integer"),
         (["--threads", "2"], "--threads 2 on CPU needs an explicit --clock"),
         (["--batches", "1,x"], "--batches '1,x' is not a comma-separated list of integers"),

@@ -22,6 +22,7 @@ from .common import (
     Progress,
     embedded_models,
 )
+from .image_size import parse_image_size
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="NAME|FILE",
-        help="a preset name, a group ('release': the 12 release schedules, the default; 'all': every preset), "
+        help="a preset name, a group ('release': the 12 release schedules of the model's family, the default; "
+        "'qwen25vl_release': the Qwen ones on any model; 'all': every preset), "
         "or a YAML/JSON file (keys: layers, keep, unit, policy, name, label, scorer); repeatable",
     )
     parser.add_argument(
@@ -118,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="N",
         help="visual tokens per sample (default: the config's image_seq_length, else 576)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=parse_image_size,
+        metavar="WxH",
+        help="instead of --visual-tokens: an image of W x H pixels; the model's resize rule decides N (Qwen2-VL/"
+        "Qwen2.5-VL: smart resize to multiples of 28, N = (h/28)·(w/28); LLaVA-1.5: a fixed 336x336 crop, 576)",
+    )
+    parser.add_argument(
+        "--min-pixels",
+        type=positive_int,
+        metavar="P",
+        help="Qwen smart resize: the smallest resized area (default: the processor's 56·56 = 3136)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        metavar="P",
+        help="Qwen smart resize: the largest resized area (default: the processor's 28·28·1280 = 1003520; "
+        "the Reroute release uses 451584 = 576·28²)",
     )
     parser.add_argument(
         "--text-tokens",

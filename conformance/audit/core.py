@@ -30,6 +30,7 @@ from .common import (
     SCHEMA_VERSION,
     Progress,
 )
+from .hosts import image_setting, is_qwen, preset_notes, schedule_groups
 from .inputs import (
     KV_DTYPES,
     AuditError,
@@ -62,6 +63,7 @@ class Setting:
     kv_source: str
     policies: tuple[str, ...]
     conventions: tuple[str, ...]
+    image: dict | None = None  # --image-size: the resized size, grid and N (image_size.image_layout)
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -104,8 +106,14 @@ def load_model(value: str, progress: Progress) -> ModelInfo:
 
 
 def choose_setting(args: argparse.Namespace, model: ModelInfo) -> Setting:
-    """N, M and the KV dtype from the options, else the config, else the defaults."""
-    if args.visual_tokens is not None:
+    """N, M and the KV dtype from the options (``--image-size``: the model's resize rule), else the config."""
+    image = image_setting(args, model)
+    if image is not None:
+        num_visual, visual_source = (
+            image["num_visual"],
+            f"--image-size {args.image_size[0]}x{args.image_size[1]}",
+        )
+    elif args.visual_tokens is not None:
         num_visual, visual_source = args.visual_tokens, "--visual-tokens"
     elif model.default_visual is not None:
         num_visual, visual_source = model.default_visual, "config image_seq_length"
@@ -127,6 +135,7 @@ def choose_setting(args: argparse.Namespace, model: ModelInfo) -> Setting:
         kv_source=kv_source,
         policies=("remove", "reroute") if args.policy == "both" else (args.policy,),
         conventions=CONVENTIONS if args.convention == "all" else (args.convention,),
+        image=image,
     )
 
 
@@ -166,29 +175,27 @@ def choose_schedules(
     arch: ArchSpec,
     num_visual: int,
     progress: Progress,
+    model_type: str = "",
 ) -> tuple[list[AuditSchedule], list[dict], list[str]]:
-    """The schedules to audit, the solver records and the notes they call for."""
+    """The schedules to audit, the solver records and the notes they call for (``release``: the model's own)."""
     solver_requested = bool(args.target_avg) or args.identical_to is not None
     notes: list[str] = []
+    groups = schedule_groups(model_type)
     if args.schedule:
-        schedules = resolve_schedules(args.schedule)
+        schedules = resolve_schedules(args.schedule, groups=groups)
     elif solver_requested:
         schedules = []
     else:
-        schedules = resolve_schedules(["release"])
+        schedules = resolve_schedules(["release"], groups=groups)
     check_fits(schedules, arch, num_visual)
     solves = solver_schedules(args, shape, arch, num_visual, schedules)
     if not args.schedule and not solver_requested:
         progress("solver: checking the release's matched-budget ratios at the 192/128/64 tiers")
-        solves, solve_notes = default_solves(arch, num_visual, args.decimals)
+        solves, solve_notes = default_solves(arch, num_visual, args.decimals, qwen=is_qwen(model_type))
         notes += solve_notes
     check_unique(schedules)
     check_fits(schedules, arch, num_visual)
-    if any(s.source == "preset" for s in schedules) and (arch.num_layers != 32 or num_visual != 576):
-        notes.append(
-            "The presets are LLaVA-1.5 schedules (32 layers, N = 576): their avgNN labels hold only there; "
-            f"here L = {arch.num_layers} and N = {num_visual}, so a missed label is expected."
-        )
+    notes += preset_notes(schedules, arch, num_visual, model_type)
     return schedules, solves, notes
 
 
@@ -314,7 +321,9 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str], progress: Progress)
     model = load_model(args.model, progress)
     arch = model.arch
     setting = choose_setting(args, model)
-    schedules, solves, notes = choose_schedules(args, shape, arch, setting.num_visual, progress)
+    schedules, solves, notes = choose_schedules(
+        args, shape, arch, setting.num_visual, progress, model.model_type
+    )
     dense, audited = audit_budgets(schedules, arch, setting, progress)
     flags = label_flags(audited) + solver_flags(solves)
     notes += off_label_notes(flags, schedules, solves)
@@ -330,6 +339,7 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str], progress: Progress)
             "num_text_source": setting.text_source,
             "visual_start": 0,
             "batch": 1,
+            "image": setting.image,
         },
         "kv_dtype": setting.kv_name,
         "kv_dtype_source": setting.kv_source,

@@ -27,15 +27,19 @@ from rerouting.reference.schedule import (
     Scorer,
 )
 
+from .image_size import vision_geometry
+
 # The Reroute release's LLaVA-1.5 schedules (research/reroute.md §5.2), in the order they are reported.
 RELEASE_FAMILIES: tuple[str, ...] = ("fastv_K3", "ours_vs_fastv", "pdrop_earlyL2", "ours_vs_pdrop")
 RELEASE_TIERS: tuple[int, ...] = (192, 128, 64)
 RELEASE_SCHEDULES: tuple[str, ...] = tuple(
     f"{family}_avg{tier}" for tier in RELEASE_TIERS for family in RELEASE_FAMILIES
 )
-# Names that stand for several presets at once.
+QWEN_RELEASE_SCHEDULES: tuple[str, ...] = tuple(f"qwen25vl_{name}" for name in RELEASE_SCHEDULES)
+# Names that stand for several presets at once ('release' on a Qwen model: the Qwen ones, hosts.py).
 SCHEDULE_GROUPS: dict[str, tuple[str, ...]] = {
     "release": RELEASE_SCHEDULES,
+    "qwen25vl_release": QWEN_RELEASE_SCHEDULES,
     "all": (*RELEASE_SCHEDULES, *sorted(set(PRESETS) - set(RELEASE_SCHEDULES))),
 }
 FILE_KEYS: tuple[str, ...] = ("name", "label", "layers", "keep", "unit", "policy", "scorer")
@@ -71,6 +75,7 @@ class ModelInfo:
         arch: the decoder shapes, read from the meta model's modules (``ArchSpec.from_model``).
         default_visual: visual tokens per image from the config (``image_seq_length``), if it has one.
         config_dtype: the checkpoint's dtype name (``float16``, ``bfloat16``...), if the config says.
+        vision: the image-size rule and patch sizes ``--image-size`` uses (``image_size.vision_geometry``).
     """
 
     name: str
@@ -80,6 +85,7 @@ class ModelInfo:
     arch: ArchSpec
     default_visual: int | None
     config_dtype: str | None
+    vision: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -90,6 +96,7 @@ class ModelInfo:
             "arch": self.arch.to_dict(),
             "default_visual_tokens": self.default_visual,
             "config_dtype": self.config_dtype,
+            "vision": self.vision,
         }
 
 
@@ -169,6 +176,7 @@ def resolve_model(value: str) -> ModelInfo:
         arch=arch,
         default_visual=int(seq) if isinstance(seq, int) and seq > 0 else None,
         config_dtype=_dtype_name(getattr(config, "dtype", None)) or _dtype_name(text_dtype),
+        vision=vision_geometry(config),
     )
 
 
@@ -329,17 +337,21 @@ def load_schedule_file(path: Path) -> list[AuditSchedule]:
     ]
 
 
-def resolve_schedules(values: Sequence[str], option: str = "--schedule") -> list[AuditSchedule]:
+def resolve_schedules(
+    values: Sequence[str], option: str = "--schedule", groups: dict[str, tuple[str, ...]] | None = None
+) -> list[AuditSchedule]:
     """Every ``--schedule`` value: a preset name, a group (``release``, ``all``) or a YAML/JSON file.
 
-    ``option`` is the command-line option the values came from, for the error message.
+    ``option`` is the command-line option the values came from, for the error message; ``groups`` the
+    groups by name (default ``SCHEDULE_GROUPS``; ``hosts.schedule_groups`` for the model's own release).
     """
+    groups = SCHEDULE_GROUPS if groups is None else groups
     found: list[AuditSchedule] = []
     for value in values:
         if value in PRESETS:
             found.append(from_preset(value))
-        elif value in SCHEDULE_GROUPS:
-            found.extend(from_preset(name) for name in SCHEDULE_GROUPS[value])
+        elif value in groups:
+            found.extend(from_preset(name) for name in groups[value])
         elif Path(value).expanduser().is_file():
             found.extend(load_schedule_file(Path(value).expanduser()))
         else:

@@ -65,6 +65,7 @@ def _setup_md(report: dict) -> str:
                 f"N = {layout['num_visual']} visual tokens ({layout['num_visual_source']}), M = "
                 f"{layout['num_text']} text tokens ({layout['num_text_source']}), one sample, no padding",
             ],
+            *_image_rows(layout.get("image")),
             [
                 "KV cache",
                 f"{report['kv_dtype']} ({report['kv_dtype_source']}): {fmt_bytes(entry)} per entry (one token at one layer)",
@@ -76,6 +77,25 @@ def _setup_md(report: dict) -> str:
         align="ll",
     )
     return "## Setup\n\n" + table
+
+
+def _image_rows(image: dict | None) -> list[list[str]]:
+    """[layout.image-grid] ``--image-size``: the image, its resized size, grid and N."""
+    if not image:
+        return []
+    (w, h), (rw, rh) = image["size"], image["resized"]
+    if image["rule"] == "fixed":
+        return [["image", f"{w}×{h} px → {rw}×{rh} (fixed crop): N = {image['num_visual']}; {image['note']}"]]
+    gh, gw = image["grid_thw"][1:]
+    mh, mw = image["merged_grid"]
+    return [
+        [
+            "image",
+            f"{w}×{h} px → {rw}×{rh} (smart resize, multiples of {image['factor']}, area in "
+            f"[{image['min_pixels']}, {image['max_pixels']}]): grid (1, {gh}, {gw}) patches, {mh}×{mw} merged, "
+            f"N = {image['num_visual']}; rule: {image['source']}",
+        ]
+    ]
 
 
 def _flags_md(report: dict) -> str:

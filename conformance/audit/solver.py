@@ -23,6 +23,13 @@ DEFAULT_SOLVES: tuple[tuple[str, tuple[int, ...], tuple[float, ...] | str, str],
     ("fastv_K3", (3,), "flat", "fastv_K3_avg{tier}"),
 )
 DEFAULT_IDENTICAL = ("fastv_K3_avg{tier}", (7, 15, 23), "ours_vs_fastv_avg{tier}")
+# The same checks at the release's Qwen2.5-VL-7B layers, against its qwen25vl_* presets (on a Qwen model).
+QWEN_DEFAULT_SOLVES: tuple[tuple[str, tuple[int, ...], tuple[float, ...] | str, str], ...] = (
+    ("qwen25vl_ours_vs_pdrop", (2, 6, 13, 20), (1.0, 1.0, 0.5, 0.25), "qwen25vl_ours_vs_pdrop_avg{tier}"),
+    ("qwen25vl_pdrop_earlyL2", (2, 6, 13, 20), "geometric", "qwen25vl_pdrop_earlyL2_avg{tier}"),
+    ("qwen25vl_fastv_K3", (3,), "flat", "qwen25vl_fastv_K3_avg{tier}"),
+)
+QWEN_DEFAULT_IDENTICAL = ("qwen25vl_fastv_K3_avg{tier}", (6, 13, 20), "qwen25vl_ours_vs_fastv_avg{tier}")
 
 
 def _native_policy(layers: Sequence[int], shape: Any) -> str:
@@ -228,12 +235,20 @@ def identical_schedule(
     return record, schedule
 
 
-def default_solves(arch: ArchSpec, num_visual: int, decimals: int) -> tuple[list[dict], list[str]]:
-    """The release's solver checks at the 192/128/64 tiers (scaled by N/576), where the layers fit."""
+def default_solves(
+    arch: ArchSpec, num_visual: int, decimals: int, *, qwen: bool = False
+) -> tuple[list[dict], list[str]]:
+    """The release's solver checks at the 192/128/64 tiers (scaled by N/576), where the layers fit.
+
+    ``qwen``: at the release's Qwen2.5-VL layers, against its ``qwen25vl_*`` presets.
+    """
     records: list[dict] = []
     notes: list[str] = []
     tiers = (192, 128, 64)
-    for family, layers, shape, preset_name in DEFAULT_SOLVES:
+    plan, identical = (
+        (QWEN_DEFAULT_SOLVES, QWEN_DEFAULT_IDENTICAL) if qwen else (DEFAULT_SOLVES, DEFAULT_IDENTICAL)
+    )
+    for family, layers, shape, preset_name in plan:
         if layers[-1] >= arch.num_layers:
             notes.append(
                 f"solver check {family} skipped: layers {list(layers)} do not fit {arch.num_layers} layers"
@@ -256,7 +271,7 @@ def default_solves(arch: ArchSpec, num_visual: int, decimals: int) -> tuple[list
                 notes.append(f"solver check {family} at avg_T {target:g}: {error}")
                 continue
             records.append(record)
-    baseline_name, extra, twin = DEFAULT_IDENTICAL
+    baseline_name, extra, twin = identical
     if max(extra) < arch.num_layers:
         for tier in tiers:
             baseline = from_preset(baseline_name.format(tier=tier))

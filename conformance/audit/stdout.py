@@ -77,7 +77,10 @@ def summary_table(report: dict) -> str:
         f"Budget audit: {model['name']}, N={layout['num_visual']} visual + M={layout['num_text']} text tokens, "
         f"decoder only, per sample (* native policy)"
     )
-    out = [title, line(header), "  ".join("-" * w for w in widths), *(line(r) for r in body)]
+    out = [title]
+    if layout.get("image"):
+        out.append(f"Image: {layout['image']['note']}")
+    out += [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in body)]
     if not conventions and report["conventions"] != ["true"]:
         out.append("(FastV / PDrop / Nüwa conventions: report.md, or --convention NAME here)")
     if report["flags"]:
