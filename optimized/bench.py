@@ -43,6 +43,7 @@ import functools
 import json
 import os
 import platform
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -50,7 +51,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from rerouting.reference import Reference, RoutingConfig, Schedule, Trace
+from rerouting.reference import Reference, RoutingConfig, RoutingError, Schedule, Trace
 from rerouting.reference.archs import ArchSpec
 from rerouting.reference.budget import budget_from_trace
 from rerouting.reference.flops import avg_visual_tokens, layer_flops_true
@@ -320,19 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    record = run(
-        shapes(args.host, args.quick),
-        device=args.device,
-        dtype=_DTYPES[args.dtype],
-        batches=args.batches,
-        repeats=args.repeats,
-        reference_repeats=args.reference_repeats,
-        warmup=args.warmup,
-        clock=args.clock,
-        decode_batches=args.decode_batches,
-        decode_steps=args.decode_steps,
-        log=lambda line: print(line, flush=True),
-    )
+    try:
+        record = run(
+            shapes(args.host, args.quick),
+            device=args.device,
+            dtype=_DTYPES[args.dtype],
+            batches=args.batches,
+            repeats=args.repeats,
+            reference_repeats=args.reference_repeats,
+            warmup=args.warmup,
+            clock=args.clock,
+            decode_batches=args.decode_batches,
+            decode_steps=args.decode_steps,
+            log=lambda line: print(line, flush=True),
+        )
+    except RoutingError as error:  # e.g. a host this transformers cannot serve: one line, not a traceback
+        print(f"rerouting bench: {error}", file=sys.stderr)
+        return 2
     if args.quick:  # the targets are about the full shape; a smoke test's ratios say nothing about them
         record["verdict"] = {
             "judged": False,
