@@ -35,14 +35,13 @@ from .inputs import (
     KV_DTYPES,
     AuditError,
     AuditSchedule,
-    ModelInfo,
     check_fits,
     check_unique,
     parse_layers,
     parse_shape,
-    resolve_model,
     resolve_schedules,
 )
+from .models import ModelInfo, resolve_model
 from .solver import default_solves, identical_schedule, solve
 from .trace import traced_run
 

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from rerouting.reference.archs import ArchSpec
 
 from .image_size import QWEN_MODEL_TYPES, image_layout
-from .inputs import QWEN_RELEASE_SCHEDULES, SCHEDULE_GROUPS, AuditError, AuditSchedule, ModelInfo
+from .inputs import QWEN_RELEASE_SCHEDULES, SCHEDULE_GROUPS, AuditError, AuditSchedule
+from .models import ModelInfo
 
 
 def is_qwen(model_type: str) -> bool:
