@@ -23,6 +23,8 @@ from .rules import rules_of, spec_rules
 
 # Examples run per test node id, counted by oracle.run_check (per process; workers report their own).
 EXAMPLES: collections.Counter = collections.Counter()
+# Examples per test node id and host family ("llava", "qwen2.5-vl"), for the drawn cases
+HOST_EXAMPLES: collections.defaultdict = collections.defaultdict(collections.Counter)
 _CURRENT: dict[str, str | None] = {"nodeid": None}
 
 
@@ -30,8 +32,11 @@ def set_current(nodeid: str | None) -> None:
     _CURRENT["nodeid"] = nodeid
 
 
-def count_example() -> None:
+def count_example(host: str | None = None) -> None:
+    """One example of the current test; ``host``: the family of its case's host (None: no drawn host)."""
     EXAMPLES[_CURRENT["nodeid"]] += 1
+    if host is not None:
+        HOST_EXAMPLES[_CURRENT["nodeid"]][host] += 1
 
 
 try:
@@ -102,6 +107,7 @@ class TestResult:
     rules: list[str]
     outcome: str  # passed | failed | skipped | error
     examples: int = 0
+    hosts: dict[str, int] = field(default_factory=dict)  # examples per host family
     duration_s: float = 0.0
     failure: dict[str, Any] | None = None
     skip_reason: str | None = None
@@ -139,6 +145,8 @@ class Collector:
             )
         result.rules = list(props.get("rules", result.rules))
         result.examples = max(result.examples, int(props.get("examples", 0)))
+        for host, count in dict(props.get("hosts") or {}).items():
+            result.hosts[host] = max(result.hosts.get(host, 0), int(count))
         result.duration_s += float(getattr(report, "duration", 0.0))
         if report.skipped:
             result.outcome = "skipped"
@@ -260,6 +268,7 @@ def build_report(
         "skipped": outcomes["skipped"],
         "not_run": len(not_run),
         "examples": sum(r.examples for r in results),
+        "hosts": _host_counts(results, meta),
         "rules_defined": len(defined),
         "rules_checked": len(checked & set(defined)),
         "rules_errored": sorted(r for r, e in rules.items() if e["status"] == "error"),
@@ -282,6 +291,33 @@ def build_report(
         "skips": skips,
         "tests": [asdict(r) for r in results],
     }
+
+
+def _host_counts(results: list[TestResult], meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per host family: the examples drawn on it, the tests that drew it, and why it was not drawn (if so)."""
+    out: dict[str, dict[str, Any]] = {
+        family: {"examples": 0, "tests": 0} for family in meta.get("hosts_drawn", ())
+    }
+    for family, reason in dict(meta.get("hosts_skipped") or {}).items():
+        out[family] = {"examples": 0, "tests": 0, "skipped": reason}
+    for result in results:
+        for family, count in result.hosts.items():
+            entry = out.setdefault(family, {"examples": 0, "tests": 0})
+            entry["examples"] += count
+            entry["tests"] += 1 if count else 0
+    return out
+
+
+def _host_line(summary: dict[str, Any]) -> list[str]:
+    hosts = summary.get("hosts") or {}
+    if not hosts:
+        return []
+    parts = [
+        f"{family} {entry['examples']} examples in {entry['tests']} tests"
+        + (f" (not drawn: {entry['skipped']})" if entry.get("skipped") else "")
+        for family, entry in hosts.items()
+    ]
+    return [f"- hosts (drawn cases): {'; '.join(parts)}"]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -311,6 +347,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"skipped: {', '.join(summary.get('rules_skipped', [])) or 'none'}; "
         f"not run: {', '.join(summary['rules_not_run']) or 'none'}",
     ]
+    lines += _host_line(summary)
     lines += _attribution_lines(report.get("attribution"))
     lines += ["", "## Failures", ""]
     if not report["failures"]:

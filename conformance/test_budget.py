@@ -337,11 +337,12 @@ def check_probe(impl, case):
                 )
                 continue
             P, Q = probe.keys, probe.queries
-            expected = 2 * P * d * Hkv * hd + 2 * Q * d * H * hd + 2 * Q * P * H * hd
+            bias = (P * Hkv * hd + Q * H * hd) if arch.attention_bias else 0  # Qwen's q/k bias adds
+            expected = 2 * P * d * Hkv * hd + 2 * Q * d * H * hd + 2 * Q * P * H * hd + bias
             check(
                 probe.total == expected,
                 "budget.flops.probe",
-                f"sample {b}, decision at layer {probe.layer}: budget {probe.total}, spec formula {expected} (P={P}, Q={Q})",
+                f"sample {b}, decision at layer {probe.layer}: budget {probe.total}, spec formula {expected} (P={P}, Q={Q}, bias adds {bias})",
                 observed=probe.total,
                 allowed=expected,
             )

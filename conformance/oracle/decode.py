@@ -29,9 +29,7 @@ def run_decode(impl: Checked, case: Case, steps: int, token_seed: int) -> Decode
     obs = observe(impl, case)
     B = len(case.layout.samples)
     generator = torch.Generator().manual_seed(token_seed)
-    tokens = torch.randint(
-        4, case.host.llava_config().text_config.vocab_size, (steps, B), generator=generator
-    )
+    tokens = torch.randint(*case.host.text_ids, (steps, B), generator=generator)
     outputs = [
         impl.decode_step(case.model(), case.config, obs.out, tokens[t].to(case.device), t)
         for t in range(steps)
