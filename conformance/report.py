@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import attribution
+from .hostcounts import host_counts, host_line
 from .protocol import MARKER, CapabilityMissing, ConformanceFailure
 from .rules import rules_of, spec_rules
 
@@ -268,7 +269,7 @@ def build_report(
         "skipped": outcomes["skipped"],
         "not_run": len(not_run),
         "examples": sum(r.examples for r in results),
-        "hosts": _host_counts(results, meta),
+        "hosts": host_counts(results, meta),
         "rules_defined": len(defined),
         "rules_checked": len(checked & set(defined)),
         "rules_errored": sorted(r for r, e in rules.items() if e["status"] == "error"),
@@ -291,33 +292,6 @@ def build_report(
         "skips": skips,
         "tests": [asdict(r) for r in results],
     }
-
-
-def _host_counts(results: list[TestResult], meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per host family: the examples drawn on it, the tests that drew it, and why it was not drawn (if so)."""
-    out: dict[str, dict[str, Any]] = {
-        family: {"examples": 0, "tests": 0} for family in meta.get("hosts_drawn", ())
-    }
-    for family, reason in dict(meta.get("hosts_skipped") or {}).items():
-        out[family] = {"examples": 0, "tests": 0, "skipped": reason}
-    for result in results:
-        for family, count in result.hosts.items():
-            entry = out.setdefault(family, {"examples": 0, "tests": 0})
-            entry["examples"] += count
-            entry["tests"] += 1 if count else 0
-    return out
-
-
-def _host_line(summary: dict[str, Any]) -> list[str]:
-    hosts = summary.get("hosts") or {}
-    if not hosts:
-        return []
-    parts = [
-        f"{family} {entry['examples']} examples in {entry['tests']} tests"
-        + (f" (not drawn: {entry['skipped']})" if entry.get("skipped") else "")
-        for family, entry in hosts.items()
-    ]
-    return [f"- hosts (drawn cases): {'; '.join(parts)}"]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -347,7 +321,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"skipped: {', '.join(summary.get('rules_skipped', [])) or 'none'}; "
         f"not run: {', '.join(summary['rules_not_run']) or 'none'}",
     ]
-    lines += _host_line(summary)
+    lines += host_line(summary)
     lines += _attribution_lines(report.get("attribution"))
     lines += ["", "## Failures", ""]
     if not report["failures"]:

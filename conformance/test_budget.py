@@ -408,6 +408,7 @@ def check_reroute_vs_remove(impl, case):
         )
         delta = p_rr.keys - p_rm.keys  # reroute probes every token, remove text + pool
         extra += 2 * delta * d * Hkv * hd + 2 * p_rr.queries * delta * H * hd
+        extra += delta * Hkv * hd if arch.attention_bias else 0  # Qwen's k bias adds on the extra keys
     if case.config.scorer.kind == "random":
         extra = 0
     total_rr, total_rm = b_rr.flops_true + b_rr.probe_flops, b_rm.flops_true + b_rm.probe_flops

@@ -30,14 +30,8 @@ from rerouting.conformance.oracle import (
     observe,
     run_check,
 )
-from rerouting.conformance.oracle.strategies import (
-    HostSpec,
-    build_model,
-    draw_case,
-    hosts,
-    layouts,
-    one_image_more,
-)
+from rerouting.conformance.oracle.inputs import one_image_more
+from rerouting.conformance.oracle.strategies import HostSpec, build_model, draw_case, hosts, layouts
 from rerouting.conformance.protocol import ERROR_RULES, SUPPORTED_ATTENTION, check, fail
 from rerouting.reference import Schedule, Scorer, candidate_pool, capped_k
 

@@ -18,7 +18,8 @@ from rerouting.conformance.oracle import (
     observe,
     run_check,
 )
-from rerouting.conformance.oracle.strategies import draw_case, layouts, one_image_fewer, sample_inputs
+from rerouting.conformance.oracle.inputs import one_image_fewer, sample_inputs
+from rerouting.conformance.oracle.strategies import draw_case, layouts
 from rerouting.conformance.oracle.tolerance import compare
 from rerouting.conformance.protocol import ERROR_RULES, check
 

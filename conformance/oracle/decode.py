@@ -11,9 +11,10 @@ from rerouting.reference.routing import KERNELS
 
 from ..impls import Checked
 from ..protocol import PrefillOutput
+from .inputs import sample_inputs
 from .outputs import _compare_rows, _max_error, _max_family, compare_layer_kv, kv_family_errors
 from .runs import _REFERENCE, Observation, mca_runs, observe, reference_prefill
-from .strategies import Case, sample_inputs
+from .strategies import Case
 
 
 @dataclasses.dataclass
