@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from . import progress, report
 from .impls import ENV_VAR, ImplementationError, check_impl, load_impl, missing_capabilities
+from .oracle.hosts import FAMILIES, HOST_CLASSES
 from .oracle.strategies import DTYPES, SETTINGS
 from .rules import rules_of
 
@@ -127,6 +128,23 @@ def _profile(config: pytest.Config) -> str:
     return name
 
 
+def drawn_families(impl) -> tuple[str, ...]:
+    """The host families the suite draws for ``impl``: those its ``hosts`` attribute takes (all without one)."""
+    return tuple(f for f in FAMILIES if impl is None or impl.supports_host(HOST_CLASSES[f]))
+
+
+def skipped_families(impl) -> dict[str, str]:
+    """Per family not drawn for ``impl``: why (its ``hosts`` attribute does not name the model class)."""
+    if impl is None:
+        return {}
+    hosts = list(getattr(impl.impl, "hosts", None) or ())
+    return {
+        f: f"{impl.name} declares hosts {hosts}, not {HOST_CLASSES[f]}"
+        for f in FAMILIES
+        if f not in drawn_families(impl)
+    }
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "spec(*rule_ids): the spec rule IDs a test checks")
     config.addinivalue_line("markers", "gpu: needs a CUDA device and an NVIDIA driver; skipped without one")
@@ -141,6 +159,7 @@ def pytest_configure(config: pytest.Config) -> None:
             config._rerouting_impl = check_impl(options["impl"])
         except ImplementationError as error:
             raise pytest.UsageError(str(error)) from None
+        SETTINGS.families = drawn_families(config._rerouting_impl)
         if not hasattr(config, "workerinput"):
             config.pluginmanager.register(
                 progress.Progress(config, _is_suite_item), "rerouting-conformance-progress"
@@ -158,6 +177,8 @@ def pytest_configure(config: pytest.Config) -> None:
     ):  # the controller of pytest -n collects the workers' reports
         meta = {**options, "dtypes": ",".join(options["dtypes"]), "profile": _profile(config)}
         meta["max_examples"] = settings.get_profile(meta["profile"]).max_examples
+        meta["hosts_drawn"] = list(SETTINGS.families)
+        meta["hosts_skipped"] = skipped_families(getattr(config, "_rerouting_impl", None))
         if config.getoption("time_budget") is not None:
             meta["time_budget_s"] = config.getoption("time_budget")
         config.pluginmanager.register(
@@ -244,6 +265,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         props = [
             ("rules", list(rules_of(item.function)) if hasattr(item, "function") else []),
             ("examples", report.EXAMPLES[item.nodeid]),
+            ("hosts", dict(report.HOST_EXAMPLES[item.nodeid])),
         ]
         if call.excinfo is not None and not call.excinfo.errisinstance(pytest.skip.Exception):
             props.append(("failure", report.failure_details(call.excinfo.value, str(call.excinfo.value))))

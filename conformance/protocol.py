@@ -102,7 +102,7 @@ SUPPORTED_ATTENTION: tuple[str, ...] = ("eager", "sdpa")
 ERROR_RULES: dict[str, tuple[str, ...]] = {
     "model-class": ("routing.errors",),
     "attention": ("routing.errors", "routing.kernels"),
-    "image-features": ("layout.visual-set", "layout.pixel-values", "routing.errors"),
+    "image-features": ("layout.visual-set", "layout.pixel-values", "layout.image-grid", "routing.errors"),
     "decision-layer": ("schedule.decision-layers",),
     "keep-count": ("schedule.keep-count",),
     "no-text": ("scoring.probe.query-row",),

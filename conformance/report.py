@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from . import attribution
+from .hostcounts import host_counts, host_line
 from .protocol import MARKER, CapabilityMissing, ConformanceFailure
 from .rules import rules_of, spec_rules
 
 # Examples run per test node id, counted by oracle.run_check (per process; workers report their own).
 EXAMPLES: collections.Counter = collections.Counter()
+# Examples per test node id and host family ("llava", "qwen2.5-vl"), for the drawn cases
+HOST_EXAMPLES: collections.defaultdict = collections.defaultdict(collections.Counter)
 _CURRENT: dict[str, str | None] = {"nodeid": None}
 
 
@@ -30,8 +33,11 @@ def set_current(nodeid: str | None) -> None:
     _CURRENT["nodeid"] = nodeid
 
 
-def count_example() -> None:
+def count_example(host: str | None = None) -> None:
+    """One example of the current test; ``host``: the family of its case's host (None: no drawn host)."""
     EXAMPLES[_CURRENT["nodeid"]] += 1
+    if host is not None:
+        HOST_EXAMPLES[_CURRENT["nodeid"]][host] += 1
 
 
 try:
@@ -102,6 +108,7 @@ class TestResult:
     rules: list[str]
     outcome: str  # passed | failed | skipped | error
     examples: int = 0
+    hosts: dict[str, int] = field(default_factory=dict)  # examples per host family
     duration_s: float = 0.0
     failure: dict[str, Any] | None = None
     skip_reason: str | None = None
@@ -139,6 +146,8 @@ class Collector:
             )
         result.rules = list(props.get("rules", result.rules))
         result.examples = max(result.examples, int(props.get("examples", 0)))
+        for host, count in dict(props.get("hosts") or {}).items():
+            result.hosts[host] = max(result.hosts.get(host, 0), int(count))
         result.duration_s += float(getattr(report, "duration", 0.0))
         if report.skipped:
             result.outcome = "skipped"
@@ -260,6 +269,7 @@ def build_report(
         "skipped": outcomes["skipped"],
         "not_run": len(not_run),
         "examples": sum(r.examples for r in results),
+        "hosts": host_counts(results, meta),
         "rules_defined": len(defined),
         "rules_checked": len(checked & set(defined)),
         "rules_errored": sorted(r for r, e in rules.items() if e["status"] == "error"),
@@ -311,6 +321,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"skipped: {', '.join(summary.get('rules_skipped', [])) or 'none'}; "
         f"not run: {', '.join(summary['rules_not_run']) or 'none'}",
     ]
+    lines += host_line(summary)
     lines += _attribution_lines(report.get("attribution"))
     lines += ["", "## Failures", ""]
     if not report["failures"]:

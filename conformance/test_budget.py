@@ -337,11 +337,12 @@ def check_probe(impl, case):
                 )
                 continue
             P, Q = probe.keys, probe.queries
-            expected = 2 * P * d * Hkv * hd + 2 * Q * d * H * hd + 2 * Q * P * H * hd
+            bias = (P * Hkv * hd + Q * H * hd) if arch.attention_bias else 0  # Qwen's q/k bias adds
+            expected = 2 * P * d * Hkv * hd + 2 * Q * d * H * hd + 2 * Q * P * H * hd + bias
             check(
                 probe.total == expected,
                 "budget.flops.probe",
-                f"sample {b}, decision at layer {probe.layer}: budget {probe.total}, spec formula {expected} (P={P}, Q={Q})",
+                f"sample {b}, decision at layer {probe.layer}: budget {probe.total}, spec formula {expected} (P={P}, Q={Q}, bias adds {bias})",
                 observed=probe.total,
                 allowed=expected,
             )
@@ -407,6 +408,7 @@ def check_reroute_vs_remove(impl, case):
         )
         delta = p_rr.keys - p_rm.keys  # reroute probes every token, remove text + pool
         extra += 2 * delta * d * Hkv * hd + 2 * p_rr.queries * delta * H * hd
+        extra += delta * Hkv * hd if arch.attention_bias else 0  # Qwen's k bias adds on the extra keys
     if case.config.scorer.kind == "random":
         extra = 0
     total_rr, total_rm = b_rr.flops_true + b_rr.probe_flops, b_rm.flops_true + b_rm.probe_flops

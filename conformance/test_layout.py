@@ -18,7 +18,8 @@ from rerouting.conformance.oracle import (
     observe,
     run_check,
 )
-from rerouting.conformance.oracle.strategies import draw_case, layouts, sample_inputs
+from rerouting.conformance.oracle.inputs import one_image_fewer, sample_inputs
+from rerouting.conformance.oracle.strategies import draw_case, layouts
 from rerouting.conformance.oracle.tolerance import compare
 from rerouting.conformance.protocol import ERROR_RULES, check
 
@@ -44,10 +45,7 @@ def check_visual_set(impl, case):
     """V is every image placeholder of every image; fewer image features than placeholders is an error."""
     obs = observe(impl, case)
     check_structure(obs)
-    inputs = case.inputs(case.device)
-    short = dict(
-        inputs, pixel_values=inputs["pixel_values"][:-1] if inputs["pixel_values"].shape[0] > 1 else None
-    )
+    short = one_image_fewer(case, case.inputs(case.device))
     expect_error(
         "layout.visual-set",
         "a batch with one image fewer than its placeholder tokens announce",

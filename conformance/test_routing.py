@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rerouting.conformance.oracle import (
     check_against_host,
@@ -139,7 +138,9 @@ def test_output(impl, data):
 @functools.lru_cache(maxsize=8)
 def _text_only_model(host: HostSpec):
     """A LlamaForCausalLM with the host's text config: a model class routing does not support."""
-    config = copy.deepcopy(build_model(host).config.text_config)
+    text = build_model(host).config.text_config
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    config = LlamaConfig(**{n: getattr(text, n) for n in names}, num_key_value_heads=text.num_key_value_heads)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return LlamaForCausalLM(config).eval()
@@ -158,7 +159,7 @@ def check_errors(impl, case):
     one = case.on_samples(((2, 1),))
     inputs = one.inputs(case.device)
     extra = inputs["input_ids"].clone()
-    extra[0, 0] = build_model(case.host).config.image_token_id  # a text token becomes a placeholder
+    extra[0, 0] = case.host.image_token_id  # a text token becomes a placeholder
     expect_error(
         "routing.errors",
         "one more image placeholder than image features",

@@ -142,6 +142,10 @@ def test_softmax(impl, data):
 def check_query_row(impl, case):
     """The query row is the last valid text token; a sample without text is an error."""
     _probe(impl, case, "scoring.probe.query-row")
+    if (
+        case.host.is_qwen
+    ):  # its images' vision start/end markers are text: a sample without text cannot be built
+        return
     bad = case.on_samples(((0, 0),))
     expect_error(
         "scoring.probe.query-row",
@@ -183,6 +187,8 @@ def test_variant_layer(impl, data):
 def check_variant_query(impl, case):
     """query='text-after-image': the mean over text rows after the last visual token; none is an error."""
     _probe(impl, case, "scoring.probe.variant-query")
+    if case.host.is_qwen:  # its vision end marker is text after every image: the error case cannot be built
+        return
     bad = case.on_samples(((2, 0),))
     expect_error(
         "scoring.probe.variant-query",

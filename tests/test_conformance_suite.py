@@ -16,10 +16,12 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from rerouting.conformance.cli import main as conform
 from rerouting.conformance.impls import Checked, ReferenceImpl
-from rerouting.conformance.oracle.strategies import Case, HostSpec, Layout
+from rerouting.conformance.oracle.strategies import Case, HostSpec, Layout, draw_case, hosts, layouts
 from rerouting.conformance.protocol import CapabilityMissing, ConformanceFailure, LayerKV
 from rerouting.conformance.test_budget import check_flops_true, check_kv_bytes
 from rerouting.conformance.test_cache import check_decode_positions
@@ -109,6 +111,38 @@ class RenumberedPositions(Patched):
             x = hidden[idx][None]
             positions = torch.arange(len(active))[None]  # the bug: gaps closed
             cos, sin = host.rotary_embeddings(x, positions)
+            out = call_layer(
+                layer,
+                x,
+                attention_mask=true_causal_mask(idx, idx, x.dtype),
+                position_ids=positions,
+                position_embeddings=(cos, sin),
+                cache=cache,
+            )
+            result = hidden.clone()
+            result[idx] = out[0]
+            return result
+
+        return run_block
+
+
+class OneDRotaryOnQwen(Patched):
+    """Rotary at each active token's rank on every axis (1-D RoPE), not the host's 3-D mRoPE ids.
+
+    Right on LLaVA (1-D RoPE: the rank is the position id), wrong on Qwen2.5-VL after any image of more
+    than one token (its h/w ids follow the image grid, and text after it continues at max id + 1).
+    """
+
+    name, attr = "one-d-rotary-on-qwen", "run_block"
+
+    def replacement(self, original):
+        def run_block(host, layer, hidden, active, cache):
+            if getattr(host, "rotary_axes", 1) != 3:
+                return original(host, layer, hidden, active, cache)
+            idx = torch.tensor(active)
+            x = hidden[idx][None]
+            positions = idx[None]
+            cos, sin = host.rotary(x, positions[None].expand(3, -1, -1))  # the bug: ranks on t, h and w
             out = call_layer(
                 layer,
                 x,
@@ -348,6 +382,35 @@ def test_renumbered_positions_are_caught():
         failure(check_positions, RenumberedPositions(), case(Schedule((1,), (0.25,)))).rule
         == "routing.active.positions"
     )
+
+
+def test_one_d_rotary_on_qwen_is_caught_through_the_drawn_cases():
+    """The drawn cases (both host families) catch 1-D positions on Qwen2.5-VL, and only there."""
+    impl, caught, families = Checked(OneDRotaryOnQwen()), [], []
+
+    @settings(
+        max_examples=12,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=st.data())
+    def run(data):
+        drawn = draw_case(
+            data, host=hosts(ties=st.just("none")), layout=layouts(text_after_image=True), unit="ratio"
+        )
+        families.append(drawn.host.family)
+        try:
+            check_positions(impl, drawn)
+        except ConformanceFailure as error:
+            caught.append((drawn.host.family, error.rule))
+
+    run()
+    assert {"llava", "qwen2.5-vl"} <= set(families), families
+    assert caught, "the drawn Qwen2.5-VL cases did not catch 1-D positions"
+    assert all(c == ("qwen2.5-vl", "routing.active.positions") for c in caught), caught
 
 
 def test_missing_readmission_is_caught():

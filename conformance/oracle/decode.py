@@ -11,9 +11,10 @@ from rerouting.reference.routing import KERNELS
 
 from ..impls import Checked
 from ..protocol import PrefillOutput
+from .inputs import sample_inputs
 from .outputs import _compare_rows, _max_error, _max_family, compare_layer_kv, kv_family_errors
 from .runs import _REFERENCE, Observation, mca_runs, observe, reference_prefill
-from .strategies import Case, sample_inputs
+from .strategies import Case
 
 
 @dataclasses.dataclass
@@ -29,9 +30,7 @@ def run_decode(impl: Checked, case: Case, steps: int, token_seed: int) -> Decode
     obs = observe(impl, case)
     B = len(case.layout.samples)
     generator = torch.Generator().manual_seed(token_seed)
-    tokens = torch.randint(
-        4, case.host.llava_config().text_config.vocab_size, (steps, B), generator=generator
-    )
+    tokens = torch.randint(*case.host.text_ids, (steps, B), generator=generator)
     outputs = [
         impl.decode_step(case.model(), case.config, obs.out, tokens[t].to(case.device), t)
         for t in range(steps)

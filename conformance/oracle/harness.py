@@ -53,7 +53,7 @@ def repro(fn: Callable, impl: Checked, case: Case | None, kwargs: dict) -> str:
 
 def run_check(fn: Callable, impl: Checked, case: Case | None = None, **kwargs) -> None:
     """Run one example of a property: count it, and attach a reproducer to any failure."""
-    report.count_example()
+    report.count_example(host=None if case is None else case.host.family)
     try:
         if case is None:
             fn(impl, **kwargs)

@@ -10,8 +10,8 @@ import torch
 from rerouting.reference.routing import KERNELS
 
 from ..protocol import ConformanceFailure, check, fail
+from .inputs import sample_inputs
 from .runs import Observation, host_forward, mca_runs
-from .strategies import sample_inputs
 from .tolerance import compare
 
 

@@ -58,12 +58,21 @@ def reference_prefill(
         inputs["attention_mask"],
         inputs["pixel_values"],
         forced_selection=forced,
+        image_grid_thw=inputs.get("image_grid_thw"),  # Qwen2.5-VL cases only
         **yardstick_modes(dtype, kernel),
     )
 
 
 def host_forward(model, inputs: dict, kernel: str = "eager") -> torch.Tensor:
-    """The unrouted host forward of one unpadded sample: logits ``[T_b, V]``."""
+    """The unrouted host forward of one unpadded sample: logits ``[T_b, V]``.
+
+    On Qwen2.5-VL with ``image_grid_thw`` and ``mm_token_type_ids`` (without them its forward silently
+    falls back to 1-D positions), so the truth has the model's own mRoPE ids.
+    """
+    extra = {}
+    if "image_grid_thw" in inputs:
+        extra["image_grid_thw"] = inputs["image_grid_thw"]
+        extra["mm_token_type_ids"] = host_for(model).mm_token_type_ids(inputs["input_ids"])
     with torch.no_grad(), attention_implementation(model, kernel):
         pixels = inputs["pixel_values"]
         out = model(
@@ -71,6 +80,7 @@ def host_forward(model, inputs: dict, kernel: str = "eager") -> torch.Tensor:
             attention_mask=inputs["attention_mask"],
             pixel_values=None if pixels is None else pixels.to(model.dtype),
             use_cache=False,
+            **extra,
         )
     return out.logits[0]
 
@@ -93,7 +103,9 @@ class Observation:
             out = impl.prefill(case.model(), case.config, **device_inputs, forced_selection=forced)
         self.out = out
         self.layouts = host_for(case.model64()).layouts(
-            self.inputs["input_ids"], self.inputs["attention_mask"]
+            self.inputs["input_ids"],
+            self.inputs["attention_mask"],
+            image_grid_thw=self.inputs.get("image_grid_thw"),
         )
 
     @functools.cached_property
@@ -178,7 +190,9 @@ def _rounding_noise(model, unit_roundoff: float, seed: int) -> Iterator[None]:
     def norm_hook(module, args, output):
         return output * (1 + 4 * unit_roundoff * uniform(output.shape).to(output.dtype))
 
-    roots = [model.model.language_model, model.model.multi_modal_projector]
+    # LLaVA's projector, or Qwen2.5-VL's patch merger: the vision tower's output layer into the decoder
+    projector = getattr(model.model, "multi_modal_projector", None) or model.model.visual.merger
+    roots = [model.model.language_model, projector]
     handles = []
     for module in (m for root in roots for m in root.modules()):
         if isinstance(module, torch.nn.Linear):

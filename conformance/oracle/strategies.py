@@ -1,52 +1,50 @@
-"""Hypothesis strategies for conformance cases, and the cached tiny models they run on.
+"""Hypothesis strategies for conformance cases.
 
 A :class:`Case` is everything one example needs, as plain frozen data whose ``repr`` is a valid
 constructor, so a failing example is reproduced by pasting it:
 
-- :class:`HostSpec`: a tiny ``LlavaForConditionalGeneration`` (LLaMA decoder with GQA, CLIP tower),
-  including ``ties``, which makes ties on purpose (below), and ``attention``, the decoder's attention
+- :class:`HostSpec` (``oracle/hosts.py``): a tiny LLaVA or Qwen2.5-VL host (``family``, its own labelled
+  draw), including ``ties``, which makes ties on purpose, and ``attention``, the decoder's attention
   kernel (``eager`` or ``sdpa``, drawn as its own labelled choice: an implementation that leaves
   causality to SDPA's implicit mask fails under ``eager``, [routing.active.causal]);
-- :class:`Layout`: each sample's text runs around its images, the padding side and the seed of the
-  token ids and pixels (drawn from a local ``torch.Generator``, never the global RNG);
+- :class:`Layout`: each sample's text runs around its images, on Qwen each image's grid (``grids``,
+  drawn after the layout), the padding side and the seed of the token ids and pixels (drawn from a
+  local ``torch.Generator``, never the global RNG);
 - a ``RoutingConfig`` (schedule, policy, scorer) and the dtype under test.
 
 Tests draw the parts one by one with :func:`draw_case`, each draw labelled, so Hypothesis prints
-``Draw 1 (host): HostSpec(...)``, ``Draw 2 (layout): ...`` for a falsifying example.
-
-**Ties on purpose.** Attention-probe scores of random weights never tie by chance. ``ties="exact"``
-zeroes every ``q_proj``: each probe logit is exactly 0, so every key visible to the query row gets
-exactly ``1/P``: all visual tokens tie, bit for bit, in every dtype, and the tie-break decides.
-``ties="near-e"`` scales ``q_proj`` by ``10**-e``: logits of order ``10**-e`` make scores within a few
-ulps (e = 7) to ~1e-3 relative (e = 3) of each other, which exercises the near-tie band.
-
-Models are built once per ``(HostSpec, dtype, device)`` (``functools.lru_cache``), so examples are
-cheap; implementations must not modify the model they are given.
+``Draw 1 (attention): 'sdpa'``, ``Draw 2 (family): 'llava'``, ``Draw 3 (host): HostSpec(...)`` for a
+falsifying example. The families drawn are those the implementation under test takes
+(``SETTINGS.families``, from its ``hosts`` attribute): the others are not drawn, and the report says so.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 from dataclasses import dataclass, field, replace
 
+import pytest
 import torch
 from hypothesis import strategies as st
-from transformers import LlavaConfig
 
 from rerouting.reference import PRESETS, RoutingConfig, Schedule, Scorer
 from rerouting.reference.routing import KERNELS
-from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
+from rerouting.reference.tiny import SampleSpec, make_batch
+from rerouting.reference.tiny_qwen import QwenSample, make_qwen_batch
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-PATCH = 2  # CLIP patch size; an image of grid x grid patches gives grid**2 visual tokens
-VOCAB = 64
-TIE_MODES = ("none", "exact", "near-3", "near-5", "near-7")
+from .hosts import (  # noqa: F401  (re-exported: reproducers import HostSpec from here)
+    DTYPES,
+    FAMILIES,
+    HOST_CLASSES,
+    PATCH,
+    QWEN_GRIDS,
+    TIE_MODES,
+    VOCAB,
+    HostSpec,
+    as_qwen,
+    build_model,
+    build_model64,
+    hosts,
+)
 
 
 @dataclass
@@ -55,70 +53,10 @@ class SuiteSettings:
 
     dtypes: tuple[str, ...] = ("float32",)
     device: str = "cpu"
+    families: tuple[str, ...] = FAMILIES  # the host families drawn: those the implementation takes
 
 
 SETTINGS = SuiteSettings()
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HostSpec:
-    """A tiny LLaVA host. ``grid**2`` visual tokens per image; ``ties`` in :data:`TIE_MODES`; ``attention``
-    the decoder's attention implementation, one of ``KERNELS`` (``eager``, ``sdpa``)."""
-
-    num_layers: int = 4
-    hidden_size: int = 32
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 8
-    intermediate_size: int = 48
-    grid: int = 2
-    seed: int = 0
-    ties: str = "none"
-    attention: str = "sdpa"
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid**2
-
-    def llava_config(self) -> LlavaConfig:
-        config = tiny_llava_config(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            intermediate_size=self.intermediate_size,
-            vocab_size=VOCAB,
-            image_size=self.grid * PATCH,
-            patch_size=PATCH,
-        )
-        config.text_config.head_dim = self.head_dim  # independent of hidden_size / num_heads
-        return config
-
-
-@functools.lru_cache(maxsize=64)
-def build_model(host: HostSpec, dtype: str = "float32", device: str = "cpu"):
-    """The model of ``host`` in ``dtype`` on ``device`` (cached; the weights are the float32 ones, cast)."""
-    if dtype != "float32" or device != "cpu":
-        return copy.deepcopy(build_model(host)).to(device=device, dtype=DTYPES[dtype])
-    model = tiny_llava(host.llava_config(), seed=host.seed)
-    model.set_attn_implementation({"text_config": host.attention})
-    if host.ties != "none":
-        factor = 0.0 if host.ties == "exact" else 10.0 ** -int(host.ties.split("-")[1])
-        with torch.no_grad():
-            for layer in model.model.language_model.layers:
-                layer.self_attn.q_proj.weight.mul_(factor)
-    return model
-
-
-@functools.lru_cache(maxsize=64)
-def build_model64(host: HostSpec, dtype: str = "float32"):
-    """The float64 copy of the ``dtype`` model on the CPU: the truth sees exactly the weights under test."""
-    return copy.deepcopy(build_model(host, dtype)).to(torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,25 +66,46 @@ def build_model64(host: HostSpec, dtype: str = "float32"):
 
 @dataclass(frozen=True)
 class Layout:
-    """Samples as text runs around images: ``(2, 0, 3)`` is 2 text tokens, image, image, 3 text tokens."""
+    """Samples as text runs around images: ``(2, 0, 3)`` is 2 text tokens, image, image, 3 text tokens.
+
+    ``grids`` (Qwen2.5-VL hosts only): per sample, each image's ``(gh, gw)`` in 14-px patches (``gh·gw/4``
+    visual tokens); each Qwen image is wrapped in vision start/end markers (text tokens), so its images
+    are never adjacent and no Qwen sample is without text.
+    """
 
     samples: tuple[tuple[int, ...], ...]
     padding: str = "left"
     seed: int = 0
+    grids: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
     @property
     def images(self) -> tuple[int, ...]:
         return tuple(len(runs) - 1 for runs in self.samples)
 
     def num_visual(self, host: HostSpec) -> tuple[int, ...]:
+        if host.is_qwen:
+            return tuple(sum(gh * gw // 4 for gh, gw in g) for g in self._grids())
         return tuple(n * host.tokens_per_image for n in self.images)
 
-    def batch(self, host: HostSpec, config: LlavaConfig | None = None) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask`` and (if any image) ``pixel_values``, on the CPU."""
-        config = config or host.llava_config()
-        return make_batch(
-            config, [SampleSpec(runs) for runs in self.samples], padding=self.padding, seed=self.seed
-        )
+    def with_sample(self, runs: tuple[int, ...], grids: tuple[tuple[int, int], ...] = ()) -> Layout:
+        """The layout with one more sample (``grids``: its images' grids, on a Qwen layout)."""
+        more = None if self.grids is None else (*self.grids, grids)
+        return replace(self, samples=(*self.samples, runs), grids=more)
+
+    def _grids(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """The grids, or every image 2x2 (1 token) where none were drawn (a case rebuilt on other samples)."""
+        drawn = self.grids is not None and len(self.grids) == len(self.samples)
+        if drawn and all(len(g) == n for g, n in zip(self.grids, self.images)):
+            return self.grids
+        return tuple(((2, 2),) * n for n in self.images)
+
+    def batch(self, host: HostSpec) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask``, (if any image) ``pixel_values`` and on Qwen ``image_grid_thw`` (CPU)."""
+        if host.is_qwen:
+            specs = [QwenSample(runs, g) for runs, g in zip(self.samples, self._grids())]
+            return make_qwen_batch(specs, padding=self.padding, seed=self.seed)
+        specs = [SampleSpec(runs) for runs in self.samples]
+        return make_batch(host.llava_config(), specs, padding=self.padding, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -176,16 +135,24 @@ class Case:
         return build_model(self.host, self.dtype)
 
     def inputs(self, device: str = "cpu") -> dict[str, torch.Tensor | None]:
-        """The batch; pixels are rounded to the dtype under test and back, so every run sees the same values."""
+        """The batch; pixels are rounded to the dtype under test and back, so every run sees the same values.
+
+        On a Qwen2.5-VL host the batch has ``image_grid_thw`` too (``[I, 3]``, None without images); on
+        LLaVA it has no such key (``prefill`` is called without it).
+        """
         batch = self.layout.batch(self.host)
         pixels = batch.get("pixel_values")
         if pixels is not None:
             pixels = pixels.to(self.torch_dtype).to(torch.float32)
-        return {
+        out = {
             "input_ids": batch["input_ids"].to(device),
             "attention_mask": batch["attention_mask"].to(device),
             "pixel_values": None if pixels is None else pixels.to(device),
         }
+        if self.host.is_qwen:
+            grid = batch.get("image_grid_thw")
+            out["image_grid_thw"] = None if grid is None else grid.to(device)
+        return out
 
     def with_config(self, **changes) -> Case:
         return replace(self, config=replace(self.config, **changes))
@@ -193,62 +160,21 @@ class Case:
     def on_samples(self, samples: tuple[tuple[int, ...], ...]) -> Case:
         """The case on other samples, with a ratio schedule (valid for any N) at its first decision layer.
 
-        For error cases: only the error under test can then be raised.
+        For error cases: only the error under test can then be raised. On Qwen every new image is 2x2.
         """
         schedule = Schedule(self.config.schedule.layers[:1], (0.5,))
-        layout = replace(self.layout, samples=samples)
+        layout = replace(self.layout, samples=samples, grids=None)
         return replace(self, layout=layout, config=replace(self.config, schedule=schedule))
 
     def sample(self, b: int) -> Case:
         """Sample ``b`` alone, unpadded (its ids and pixels are not those of the batch: use :meth:`sample_inputs`)."""
-        return replace(self, layout=replace(self.layout, samples=(self.layout.samples[b],)))
-
-
-def sample_inputs(
-    case: Case, b: int, extra_tokens: torch.Tensor | None = None
-) -> dict[str, torch.Tensor | None]:
-    """Sample ``b`` of ``case``'s batch alone and unpadded (CPU), optionally followed by ``extra_tokens``."""
-    inputs = case.inputs()
-    mask = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][mask]
-    if extra_tokens is not None:
-        ids = torch.cat([ids, extra_tokens.to(ids.dtype)])
-    images = case.layout.images
-    pixels = inputs["pixel_values"]
-    if pixels is not None:
-        start = sum(images[:b])
-        pixels = pixels[start : start + images[b]] if images[b] else None
-    return {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None], "pixel_values": pixels}
+        grids = None if self.layout.grids is None else (self.layout._grids()[b],)
+        return replace(self, layout=replace(self.layout, samples=(self.layout.samples[b],), grids=grids))
 
 
 # ---------------------------------------------------------------------------------------------
 # Strategies
 # ---------------------------------------------------------------------------------------------
-
-
-def hosts(
-    *, min_layers: int = 2, max_layers: int = 5, ties: st.SearchStrategy[str] | None = None, max_grid: int = 3
-) -> st.SearchStrategy[HostSpec]:
-    """Tiny hosts: 1-4 KV heads, GQA groups of 1-3, head dim 4 or 8 (independent of hidden / heads), 1-9 visual tokens per image."""
-    ties = ties if ties is not None else st.one_of(st.just("none"), st.sampled_from(TIE_MODES))
-
-    @st.composite
-    def build(draw) -> HostSpec:
-        kv = draw(st.sampled_from([1, 2, 4]))
-        heads = kv * draw(st.integers(1, 3))
-        return HostSpec(
-            num_layers=draw(st.integers(min_layers, max_layers)),
-            hidden_size=heads * draw(st.sampled_from([4, 8])),  # transformers wants a multiple of the heads
-            num_heads=heads,
-            num_kv_heads=kv,
-            head_dim=draw(st.sampled_from([4, 8])),
-            intermediate_size=draw(st.sampled_from([16, 40])),
-            grid=draw(st.integers(1, max_grid)),
-            seed=draw(st.integers(0, 2)),
-            ties=draw(ties),
-        )
-
-    return build()
 
 
 def layouts(
@@ -354,6 +280,45 @@ def dtypes() -> st.SearchStrategy[str]:
     return st.sampled_from(SETTINGS.dtypes)
 
 
+def families(not_on_qwen: str | None = None) -> st.SearchStrategy[str]:
+    """The host families the implementation under test takes (LLaVA first: Hypothesis shrinks toward it).
+
+    ``not_on_qwen``: why the property cannot apply to Qwen2.5-VL (then only LLaVA is drawn; the reasons
+    are listed in docs/conformance.md, "Known limits").
+    """
+    drawn = tuple(f for f in SETTINGS.families if not (not_on_qwen and f == "qwen2.5-vl"))
+    if not drawn:
+        reason = f": not on Qwen2.5-VL ({not_on_qwen})" if not_on_qwen else ""
+        pytest.skip(f"the implementation takes none of the hosts this property draws{reason}")
+    return st.sampled_from(drawn)
+
+
+def qwen_grids(layout: Layout) -> st.SearchStrategy[tuple[tuple[tuple[int, int], ...], ...]]:
+    """Per sample, one grid of :data:`QWEN_GRIDS` per image (1-4 visual tokens each, different per image)."""
+    return st.tuples(*(st.tuples(*(st.sampled_from(QWEN_GRIDS),) * n) for n in layout.images))
+
+
+def _draw_host(data, host: st.SearchStrategy[HostSpec] | None, not_on_qwen: str | None) -> HostSpec:
+    # the kernel and the family: labelled choices of their own, not second runs of the property
+    kernel = data.draw(st.sampled_from(KERNELS), label="attention")
+    family = data.draw(families(not_on_qwen), label="family")
+
+    def finish(spec: HostSpec) -> HostSpec:
+        spec = replace(spec, attention=kernel)
+        return as_qwen(spec) if family == "qwen2.5-vl" else spec
+
+    return data.draw((host if host is not None else hosts()).map(finish), label="host")
+
+
+def _draw_layout(data, host: HostSpec, layout, needs_text_after: bool) -> Layout:
+    value = data.draw(
+        layout if layout is not None else layouts(text_after_image=needs_text_after), label="layout"
+    )
+    if host.is_qwen and value.grids is None:
+        value = replace(value, grids=data.draw(qwen_grids(value), label="grids"))
+    return value
+
+
 def draw_case(
     data,
     *,
@@ -361,19 +326,17 @@ def draw_case(
     layout: st.SearchStrategy[Layout] | None = None,
     policy: str | None = None,
     scorer: st.SearchStrategy[Scorer] | None = None,
+    not_on_qwen: str | None = None,
     **schedule_options,
 ) -> Case:
-    """Draw a complete case, one labelled draw per part; ``schedule_options`` go to :func:`schedules`."""
-    # the kernel the implementation is handed: one more labelled choice, not a second run of the property
-    kernel = data.draw(st.sampled_from(KERNELS), label="attention")
-    host_spec = data.draw(
-        (host if host is not None else hosts()).map(lambda h: replace(h, attention=kernel)), label="host"
-    )
+    """Draw a complete case, one labelled draw per part; ``schedule_options`` go to :func:`schedules`.
+
+    ``not_on_qwen``: the reason the property does not apply to Qwen2.5-VL hosts (only LLaVA is drawn).
+    """
+    host_spec = _draw_host(data, host, not_on_qwen)
     scorer_value = data.draw(scorer if scorer is not None else st.just(Scorer()), label="scorer")
     needs_text_after = scorer_value.query == "text-after-image"
-    layout_value = data.draw(
-        layout if layout is not None else layouts(text_after_image=needs_text_after), label="layout"
-    )
+    layout_value = _draw_layout(data, host_spec, layout, needs_text_after)
     if needs_text_after and any(
         n and runs[-1] == 0 for n, runs in zip(layout_value.images, layout_value.samples)
     ):
