@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from . import progress, report
 from .impls import ENV_VAR, ImplementationError, check_impl, load_impl, missing_capabilities
-from .oracle.hosts import FAMILIES, HOST_CLASSES
+from .oracle.hosts import FAMILIES, HOST_CLASSES, release_refuses
 from .oracle.strategies import DTYPES, SETTINGS
 from .rules import rules_of
 
@@ -129,20 +129,22 @@ def _profile(config: pytest.Config) -> str:
 
 
 def drawn_families(impl) -> tuple[str, ...]:
-    """The host families the suite draws for ``impl``: those its ``hosts`` attribute takes (all without one)."""
-    return tuple(f for f in FAMILIES if impl is None or impl.supports_host(HOST_CLASSES[f]))
+    """The host families the suite draws for ``impl``: those its ``hosts`` attribute takes (all without one)
+    and the installed transformers serves."""
+    takes = lambda f: impl is None or impl.supports_host(HOST_CLASSES[f])  # noqa: E731
+    return tuple(f for f in FAMILIES if takes(f) and release_refuses(f) is None)
 
 
 def skipped_families(impl) -> dict[str, str]:
-    """Per family not drawn for ``impl``: why (its ``hosts`` attribute does not name the model class)."""
-    if impl is None:
-        return {}
-    hosts = list(getattr(impl.impl, "hosts", None) or ())
-    return {
-        f: f"{impl.name} declares hosts {hosts}, not {HOST_CLASSES[f]}"
-        for f in FAMILIES
-        if f not in drawn_families(impl)
-    }
+    """Per family not drawn for ``impl``: why (the transformers release, or its ``hosts`` attribute)."""
+    hosts = list(getattr(getattr(impl, "impl", None), "hosts", None) or ())
+    out = {}
+    for f in FAMILIES:
+        if (refused := release_refuses(f)) is not None:
+            out[f] = refused
+        elif impl is not None and not impl.supports_host(HOST_CLASSES[f]):
+            out[f] = f"{impl.name} declares hosts {hosts}, not {HOST_CLASSES[f]}"
+    return out
 
 
 def pytest_configure(config: pytest.Config) -> None:

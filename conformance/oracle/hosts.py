@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
 from transformers import LlavaConfig
 
+from rerouting.reference.host_qwen import MROPE_ISSUE, mrope_release_ok
 from rerouting.reference.tiny import tiny_llava, tiny_llava_config
 from rerouting.reference.tiny_qwen import IMAGE_TOKEN_ID as QWEN_IMAGE_TOKEN_ID
 from rerouting.reference.tiny_qwen import tiny_qwen, tiny_qwen_config
@@ -41,6 +43,17 @@ PATCH = 2  # CLIP patch size; an image of grid x grid patches gives grid**2 visu
 VOCAB = 64
 TIE_MODES = ("none", "exact", "near-3", "near-5", "near-7")
 FAMILIES = ("llava", "qwen2.5-vl")
+
+
+def release_refuses(family: str) -> str | None:
+    """Why the installed transformers cannot serve ``family`` at all (the Qwen host refuses the mRoPE bug)."""
+    if family == "qwen2.5-vl" and not mrope_release_ok():
+        return f"transformers {importlib.metadata.version('transformers')} has the Qwen mRoPE bug ({MROPE_ISSUE})"
+    return None
+
+
+#: The families the installed transformers serves: what is drawn unless the implementation takes fewer.
+SERVED = tuple(family for family in FAMILIES if release_refuses(family) is None)
 #: The Hugging Face model class of each family (what an implementation's ``hosts`` attribute names).
 HOST_CLASSES = {"llava": "LlavaForConditionalGeneration", "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
 #: Qwen image grids ``(gh, gw)`` in 14-px patches; each gives ``gh·gw/4`` visual tokens (1, 2, 2, 3, 4).

@@ -33,10 +33,10 @@ from rerouting.reference.tiny_qwen import QwenSample, make_qwen_batch
 
 from .hosts import (  # noqa: F401  (re-exported: reproducers import HostSpec from here)
     DTYPES,
-    FAMILIES,
     HOST_CLASSES,
     PATCH,
     QWEN_GRIDS,
+    SERVED,
     TIE_MODES,
     VOCAB,
     HostSpec,
@@ -53,7 +53,7 @@ class SuiteSettings:
 
     dtypes: tuple[str, ...] = ("float32",)
     device: str = "cpu"
-    families: tuple[str, ...] = FAMILIES  # the host families drawn: those the implementation takes
+    families: tuple[str, ...] = SERVED  # the host families drawn: served here and taken by the implementation
 
 
 SETTINGS = SuiteSettings()
