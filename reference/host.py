@@ -299,14 +299,7 @@ class LlavaHost:
             source = "the vision tower gave "
             pixel_values = pixel_values.to(self.dtype)
             features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-        features = torch.cat(list(features), dim=0).to(embeds.dtype)  # [n_features, D]
-        if features.shape[0] != n_tokens:
-            raise RoutingError(
-                "layout.visual-set",
-                f"{n_tokens} image placeholder tokens (id {self.image_token_id}) but {source}"
-                f"{features.shape[0]} image features",
-            )
-        return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+        return scatter_features(embeds, placeholders, features, self.image_token_id, source)
 
     def rotary_embeddings(
         self, hidden: torch.Tensor, positions: torch.Tensor, ids: RotaryIds | None = None
@@ -384,3 +377,23 @@ def causal_mask(positions: torch.Tensor, key_positions: torch.Tensor, dtype: tor
     mask = torch.zeros(visible.shape, dtype=dtype)
     mask = mask.masked_fill(~visible, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def scatter_features(
+    embeds: torch.Tensor, placeholders: torch.Tensor, features, image_token_id: int, source: str
+) -> torch.Tensor:
+    """[layout.visual-set] Image features (per image, or one tensor) into the placeholder slots of ``embeds``.
+
+    ``embeds`` ``[B, T, D]``, ``placeholders`` ``[B, T]`` bool; the features fill the slots in batch and
+    position order ([layout.pixel-values]); their count must equal the placeholders' (``source`` says where
+    the features came from, for the error).
+    """
+    n_tokens = int(placeholders.sum())
+    features = torch.cat(list(features), dim=0).to(embeds.dtype)  # [n_features, D]
+    if features.shape[0] != n_tokens:
+        raise RoutingError(
+            "layout.visual-set",
+            f"{n_tokens} image placeholder tokens (id {image_token_id}) but {source}"
+            f"{features.shape[0]} image features",
+        )
+    return embeds.masked_scatter(placeholders.unsqueeze(-1), features)

@@ -26,6 +26,7 @@ from .host import (
     SampleLayout,
     _unsupported,
     register_host,
+    scatter_features,
 )
 from .schedule import RoutingError
 
@@ -267,14 +268,7 @@ class Qwen2_5_VLHost:
             features = self.model.model.get_image_features(
                 pixel_values=pixel_values, image_grid_thw=image_grid_thw, return_dict=True
             ).pooler_output
-        features = torch.cat(list(features), dim=0).to(embeds.dtype)  # [n_features, D]
-        if features.shape[0] != n_tokens:
-            raise RoutingError(
-                "layout.visual-set",
-                f"{n_tokens} image placeholder tokens (id {self.image_token_id}) but {source}"
-                f"{features.shape[0]} image features",
-            )
-        return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+        return scatter_features(embeds, placeholders, features, self.image_token_id, source)
 
     def rotary_embeddings(
         self, hidden: torch.Tensor, positions: torch.Tensor, ids: RotaryIds | None = None
