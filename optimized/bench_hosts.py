@@ -25,14 +25,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava_config
-from rerouting.reference.tiny_qwen import (
-    IMAGE_TOKEN_ID,
-    VIDEO_TOKEN_ID,
-    VISION_END_ID,
-    VISION_START_ID,
-    QwenSample,
-    make_qwen_batch,
-)
+from rerouting.reference.tiny_qwen import QwenSample, make_qwen_batch, tiny_qwen_config
 
 HOST_NAMES = ("llava", "qwen2.5-vl")
 
@@ -102,47 +95,17 @@ def shapes(host: str, quick: bool) -> Shape | QwenShape:
 
 
 def qwen_config(shape: QwenShape) -> Qwen2_5_VLConfig:
-    """A real ``Qwen2_5_VLConfig`` of ``shape`` (the token ids of ``reference.tiny_qwen``)."""
-    text = {
-        "vocab_size": shape.vocab_size,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
-        "num_hidden_layers": shape.num_layers,
-        "num_attention_heads": shape.num_heads,
-        "num_key_value_heads": shape.num_kv_heads,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {
-            "rope_type": "default",
-            "mrope_section": list(shape.mrope_section),
-            "rope_theta": 1e6,
-        },
-        "rms_norm_eps": 1e-6,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "spatial_merge_size": 2,
-        "in_channels": 3,
-        "window_size": 112,
-        "fullatt_block_indexes": [1],
-        "tokens_per_second": 2,
-        "out_hidden_size": shape.hidden_size,
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
-        attn_implementation="sdpa",
+    """A real ``Qwen2_5_VLConfig`` of ``shape``: ``reference.tiny_qwen``'s builder with a mid-size decoder."""
+    return tiny_qwen_config(
+        num_layers=shape.num_layers,
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        mrope_section=tuple(shape.mrope_section),
+        rope_theta=1e6,
+        max_position_embeddings=4096,
     )
 
 

@@ -201,9 +201,14 @@ def host_for(model: nn.Module) -> Host:
     return HOSTS[name](model)
 
 
-@register_host("LlavaForConditionalGeneration")
-class LlavaHost:
-    """Adapter for ``transformers.LlavaForConditionalGeneration`` (LLaMA decoder, 1-D RoPE)."""
+class DecoderHost:
+    """What every host shares: the model's text decoder (``model.model.language_model``: layers, norm, rotary),
+    its LM head and image token, the token embedding, decode continuation, the probe's parts and the logits.
+
+    A host family subclasses it with its layouts, embedding of images and rotary ids.
+    """
+
+    rotary_axes: int = 1  # ids per token the rotary takes: 1 (RoPE) or 3 (mRoPE)
 
     def __init__(self, model: nn.Module):
         name = type(model).__name__
@@ -218,7 +223,6 @@ class LlavaHost:
         self.rotary: nn.Module = text.rotary_emb
         self.lm_head: nn.Module = model.lm_head
         self.image_token_id: int = self.config.image_token_id
-        self.rotary_axes: int = 1  # 1-D RoPE: the position id is the position ([layout.sequence])
 
     @property
     def num_layers(self) -> int:
@@ -227,6 +231,34 @@ class LlavaHost:
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[..., D]`` (no image features): what decoding feeds."""
+        return self.model.model.get_input_embeddings()(input_ids)
+
+    def decode_positions(self, lengths: torch.Tensor, step: int, count: int) -> torch.Tensor:
+        """[cache.decode.positions] Positions ``[B, count]`` of the next tokens: ``T_b + step + j``.
+
+        These are ranks; a host with rotary ids maps them through its ``RotaryIds`` (``rank + δ_b``).
+        """
+        return lengths[:, None] + step + torch.arange(count, device=lengths.device)[None, :]
+
+    def attention_parts(self, layer: nn.Module) -> AttentionParts:
+        """[scoring.probe.projection] The layer's input norm, q/k projections (with their biases, if any), head
+        dim and scaling."""
+        attn = layer.self_attn
+        return AttentionParts(layer.input_layernorm, attn.q_proj, attn.k_proj, attn.head_dim, attn.scaling)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[routing.output] The host's final norm and head: ``[..., D] -> [..., V]``."""
+        return self.lm_head(self.norm(hidden))
+
+
+@register_host("LlavaForConditionalGeneration")
+class LlavaHost(DecoderHost):
+    """Adapter for ``transformers.LlavaForConditionalGeneration`` (LLaMA decoder, 1-D RoPE)."""
+
+    rotary_axes = 1  # 1-D RoPE: the position id is the position ([layout.sequence])
 
     def layouts(
         self,
@@ -260,10 +292,6 @@ class LlavaHost:
         side = int(per**0.5)
         grid = (side, side) if side * side == per else None
         return tuple(ImageSpan(start, start + per, grid) for start in range(0, num_visual, per))
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings ``[..., D]`` (no image features): what decoding feeds."""
-        return self.model.model.get_input_embeddings()(input_ids)
 
     def embed(
         self,
@@ -306,19 +334,6 @@ class LlavaHost:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[routing.active.positions] cos, sin ``[B, n, head_dim]`` at positions ``[B, n]`` (1-D RoPE: id = position)."""
         return self.rotary(hidden, positions if ids is None else ids.lookup(positions)[0])
-
-    def decode_positions(self, lengths: torch.Tensor, step: int, count: int) -> torch.Tensor:
-        """[cache.decode.positions] Position ids ``[B, count]`` of the next tokens: ``T_b + step + j`` (1-D RoPE)."""
-        return lengths[:, None] + step + torch.arange(count, device=lengths.device)[None, :]
-
-    def attention_parts(self, layer: nn.Module) -> AttentionParts:
-        """[scoring.probe.projection] A LLaMA layer's input norm, q/k projections, head dim and scaling."""
-        attn = layer.self_attn
-        return AttentionParts(layer.input_layernorm, attn.q_proj, attn.k_proj, attn.head_dim, attn.scaling)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[routing.output] The host's final norm and head: ``[..., D] -> [..., V]``."""
-        return self.lm_head(self.norm(hidden))
 
 
 class _BoundHost:

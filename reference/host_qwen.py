@@ -19,12 +19,10 @@ from packaging.version import Version
 from torch import nn
 
 from .host import (
-    HOSTS,
-    AttentionParts,
+    DecoderHost,
     ImageSpan,
     RotaryIds,
     SampleLayout,
-    _unsupported,
     register_host,
     scatter_features,
 )
@@ -65,42 +63,24 @@ def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
 
 
 @register_host("Qwen2_5_VLForConditionalGeneration")
-class Qwen2_5_VLHost:
+class Qwen2_5_VLHost(DecoderHost):
     """Adapter for ``transformers.Qwen2_5_VLForConditionalGeneration`` (Qwen2 decoder, mRoPE, GQA, q/k biases)."""
 
+    rotary_axes = 3  # (t, h, w) ids ([layout.rotary-ids])
+
     def __init__(self, model: nn.Module):
-        name = type(model).__name__
-        if HOSTS.get(name) is not type(self):
-            raise _unsupported(name)
+        super().__init__(model)  # the class check first, as for every host
         check_mrope_release()
-        self.model = model
-        self.config = model.config
-        text = model.model.language_model
         text_config = self.config.get_text_config()
-        kinds = tuple(getattr(text_config, "layer_types", None) or ("full_attention",) * len(text.layers))
+        kinds = tuple(getattr(text_config, "layer_types", None) or ("full_attention",) * len(self.layers))
         if getattr(text_config, "use_sliding_window", False) or set(kinds) != {"full_attention"}:
             raise RoutingError(
                 "routing.errors",
                 f"Qwen2.5-VL decoder layer types {sorted(set(kinds))} (use_sliding_window="
                 f"{getattr(text_config, 'use_sliding_window', False)}): routing supports full_attention layers only",
             )
-        self.layers: nn.ModuleList = text.layers
-        self.layer_kinds: tuple[str, ...] = ("softmax",) * len(text.layers)
-        self.norm: nn.Module = text.norm
-        self.rotary: nn.Module = text.rotary_emb
-        self.lm_head: nn.Module = model.lm_head
-        self.image_token_id: int = self.config.image_token_id
         self.video_token_id: int = self.config.video_token_id
         self.merge: int = self.config.vision_config.spatial_merge_size
-        self.rotary_axes: int = 3  # (t, h, w) ids ([layout.rotary-ids])
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     # --- inputs ----------------------------------------------------------------------------------------
     def check_no_video(self, input_ids: torch.Tensor, **inputs) -> None:
@@ -226,10 +206,6 @@ class Qwen2_5_VLHost:
             )
         return out
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings ``[..., D]`` (no image features): what decoding feeds."""
-        return self.model.model.get_input_embeddings()(input_ids)
-
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -283,16 +259,3 @@ class Qwen2_5_VLHost:
                 "Qwen2.5-VL rotary embeddings need the batch's mRoPE ids; positions alone would be 1-D RoPE",
             )
         return self.rotary(hidden, ids.lookup(positions))  # ids: [3, B, n]
-
-    def decode_positions(self, lengths: torch.Tensor, step: int, count: int) -> torch.Tensor:
-        """[cache.decode.positions] Positions ``[B, count]`` of the next tokens: ``T_b + step + j`` (ids: + δ_b)."""
-        return lengths[:, None] + step + torch.arange(count, device=lengths.device)[None, :]
-
-    def attention_parts(self, layer: nn.Module) -> AttentionParts:
-        """[scoring.probe.projection] A Qwen2 layer's input norm, biased q/k projections, head dim and scaling."""
-        attn = layer.self_attn
-        return AttentionParts(layer.input_layernorm, attn.q_proj, attn.k_proj, attn.head_dim, attn.scaling)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[routing.output] The host's final norm and head: ``[..., D] -> [..., V]``."""
-        return self.lm_head(self.norm(hidden))

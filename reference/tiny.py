@@ -70,11 +70,18 @@ def tiny_llava_config(
 def tiny_llava(config: LlavaConfig | None = None, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised ``LlavaForConditionalGeneration`` in eval mode (SDPA attention)."""
     config = config if config is not None else tiny_llava_config()
+    return seeded_model(LlavaForConditionalGeneration, config, seed, dtype)
+
+
+def seeded_model(model_class: type, config, seed: int, dtype: torch.dtype):
+    """``model_class(config)`` initialised under ``seed`` (the caller's RNG untouched), eval mode, in ``dtype``.
+
+    Random init gives tiny weights; the q/k projections are widened so attention is far from uniform and
+    decisions depend on the input (ties then come only from strategies that make them on purpose).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    # Random init gives tiny weights; widen them so attention is far from uniform and decisions
-    # depend on the input (ties then come only from strategies that make them on purpose).
+        model = model_class(config)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed + 1)
         for name, param in model.model.language_model.named_parameters():

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from .tiny import seeded_model
+
 PAD_TOKEN_ID = 0
 IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID, VIDEO_TOKEN_ID = 250, 251, 252, 253
 _RESERVED = 4  # ids 0..3 are never drawn as text
@@ -21,17 +23,34 @@ _VOCAB = 256
 PATCH_COLUMNS = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch = 1176
 
 
-def tiny_qwen_config(*, num_layers: int = 6, attn_implementation: str = "sdpa") -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config small enough for CPU tests (head_dim 16, GQA 4/2, mrope_section [2, 3, 3])."""
+def tiny_qwen_config(
+    *,
+    num_layers: int = 6,
+    attn_implementation: str = "sdpa",
+    vocab_size: int = _VOCAB,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+    rope_theta: float = 10000.0,
+    max_position_embeddings: int = 512,
+) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config with a 2-block, hidden-32 vision tower; the defaults are small enough for CPU tests
+    (head_dim 16, GQA 4/2, mrope_section [2, 3, 3]), the benchmark passes a mid-size decoder."""
     text = {
-        "vocab_size": _VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
         "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": list(mrope_section),
+            "rope_theta": rope_theta,
+        },
         "rms_norm_eps": 1e-6,
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -49,7 +68,7 @@ def tiny_qwen_config(*, num_layers: int = 6, attn_implementation: str = "sdpa") 
         "window_size": 112,
         "fullatt_block_indexes": [1],
         "tokens_per_second": 2,
-        "out_hidden_size": 64,
+        "out_hidden_size": hidden_size,
     }
     return Qwen2_5_VLConfig(
         text_config=text,
@@ -65,15 +84,7 @@ def tiny_qwen_config(*, num_layers: int = 6, attn_implementation: str = "sdpa") 
 def tiny_qwen(config: Qwen2_5_VLConfig | None = None, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` in eval mode, q/k weights widened."""
     config = config if config is not None else tiny_qwen_config()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    with torch.no_grad():  # as tiny.py: attention far from uniform, so decisions depend on the input
-        gen = torch.Generator().manual_seed(seed + 1)
-        for name, param in model.model.language_model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.normal_(0.0, 0.3, generator=gen)
-    return model.to(dtype).eval()
+    return seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed, dtype)
 
 
 @dataclass(frozen=True)
