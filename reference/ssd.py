@@ -150,7 +150,7 @@ class SelfSpeculative:
                     continue
                 n = int(counts[b])
                 m = accepted_count(drafts[b, :n].tolist(), base[b, :n].tolist())
-                emitted[b] += drafts[b, :m].tolist() + [int(base[b, m])]
+                emitted[b] += [*drafts[b, :m].tolist(), int(base[b, m])]
                 stats.logits[b] += list(verify[b, : m + 1])
                 stats.drafted[b].append(n)
                 stats.accepted[b].append(m)
@@ -227,7 +227,7 @@ class ReferenceSpeculation:
         reference, K = self.reference, self.reference.twig.first_layer
         out = []
         with torch.no_grad(), attention_implementation(reference.model, reference.attention):
-            for b, (fed, states) in enumerate(self.round):
+            for b, (_fed, states) in enumerate(self.round):
                 if not states:
                     out.append(None)
                     continue
