@@ -32,14 +32,18 @@ class BatchedSpeculation:
 
     def __init__(self, model: nn.Module, twig, result: PrefillResult, options: SpeculationOptions):
         if result.cache is None or result.twig_cache is None:
-            raise RoutingError("twig.ssd.rollback", "SSD needs the prefill's base and twig caches (use_cache=True)")
+            raise RoutingError(
+                "twig.ssd.rollback", "SSD needs the prefill's base and twig caches (use_cache=True)"
+            )
         self.host = host_for(model)
         self.implementation = check_attention_implementation(self.host)
         self.twig, self.options = twig, options
         self.base, self.twig_cache = result.cache, result.twig_cache
         self.host = bind_ids(self.host, self.base.rotary)
         B, device = self.base.prefill_lengths.shape[0], self.base.prefill_lengths.device
-        self.valid = torch.zeros(B, 0, dtype=torch.bool, device=device)  # [B, S]: decoded columns each sample kept
+        self.valid = torch.zeros(
+            B, 0, dtype=torch.bool, device=device
+        )  # [B, S]: decoded columns each sample kept
         self.states: list[torch.Tensor] = []  # the round's layer-K states, one [B, 1, D] per fed column
         self.stats: SpeculationStats | None = None
 
@@ -61,7 +65,9 @@ class BatchedSpeculation:
         visible = torch.cat([row, new], dim=-1)[:, None]  # [B, 1, q, C]
         if self.implementation == "sdpa":
             return visible
-        return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+        return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(
+            ~visible, torch.finfo(dtype).min
+        )
 
     def _run(self, cache: RoutedCache, layers, h: torch.Tensor, slots, before: int) -> torch.Tensor:
         q = h.shape[1]
@@ -108,7 +114,9 @@ class BatchedSpeculation:
                         if stop or counts[b] == limits[b]:
                             drafting[b] = False
             # the last fed column (the last draft, or the pending token alone) goes through the twig too
-            self._run(self.twig_cache, self.twig.layers, self.states[-1], range(K, K + T), len(self.states) - 1)
+            self._run(
+                self.twig_cache, self.twig.layers, self.states[-1], range(K, K + T), len(self.states) - 1
+            )
         stacked = torch.stack(drafts, dim=1) if drafts else torch.zeros(B, 0, dtype=torch.long)
         return stacked, counts
 

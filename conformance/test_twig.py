@@ -1,0 +1,92 @@
+"""Conformance of spec/twig.md: TTP prefills with a drawn twig, and self-speculative decoding.
+
+An implementation takes a twig through ``prefill(..., twig=...)`` and runs SSD through an optional
+``ssd_generate(model, config, twig, input_ids, attention_mask, pixel_values, *, max_new_tokens, options)``
+returning the tokens ``[B, n]`` and a ``rerouting.reference.ssd.SpeculationStats``; without them these checks
+fail as a missing capability.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rerouting.conformance.oracle import check_decisions, check_kv, check_logits, check_structure, run_check
+from rerouting.conformance.oracle.twig import TwigObservation, check_ssd, draw_twig_case, run_ssd
+from rerouting.conformance.protocol import check
+from rerouting.reference import PRESETS
+from rerouting.reference.schedule import ttp_keep
+from rerouting.reference.ssd import SpeculationOptions
+
+
+def check_ttp(impl, case, twig_case):
+    """The TTP prefill: structure (the wipe's k = 0 included), decisions, logits and per-layer KV vs the truth."""
+    obs = TwigObservation(impl, twig_case)
+    check_structure(obs)
+    check_decisions(obs)
+    check_logits(obs, "twig.ttp.score")
+    check_kv(obs, "twig.ttp.final-wipe")
+    return obs
+
+
+@pytest.mark.spec(
+    "twig.ttp.score", "twig.ttp.final-wipe", "schedule.keep-zero", "twig.module", "twig.init-from-base"
+)
+@given(data=st.data())
+def test_ttp_prefill(impl, data):
+    twig_case = draw_twig_case(data)
+    run_check(check_ttp, impl, twig_case.case, twig_case=twig_case)
+
+
+def check_lossless(impl, case, twig_case, max_new_tokens, options):
+    """SSD's tokens are greedy's outside the derived near-tie band; every group's lengths follow acceptance."""
+    obs, tokens, stats = run_ssd(impl, twig_case, max_new_tokens, options)
+    check_structure(obs)
+    check(
+        tuple(tokens.shape) == (len(obs.layouts), max_new_tokens),
+        "twig.ssd.verify",
+        f"SSD returned tokens of shape {tuple(tokens.shape)}, expected {(len(obs.layouts), max_new_tokens)}",
+    )
+    check_ssd(obs, tokens, stats, options)
+
+
+@pytest.mark.spec(
+    "twig.ssd.lossless", "twig.ssd.batch", "twig.ssd.verify", "twig.ssd.draft", "twig.ssd.rollback"
+)
+@given(data=st.data())
+def test_ssd_lossless(impl, data):
+    twig_case = draw_twig_case(data, max_batch=4, padding="left")
+    options = SpeculationOptions(
+        num_speculations=data.draw(st.integers(1, 5), label="num_speculations"),
+        draft_confidence=data.draw(st.sampled_from([0.0, 0.6, 0.95]), label="draft_confidence"),
+        eos_token_id=data.draw(st.sampled_from([None, 2]), label="eos_token_id"),
+    )
+    steps = data.draw(st.integers(1, 6), label="max_new_tokens")
+    run_check(
+        check_lossless, impl, twig_case.case, twig_case=twig_case, max_new_tokens=steps, options=options
+    )
+
+
+def check_presets(impl):
+    """The twig presets' schedules are TTP's at R' = ceil((L·R̄ − K·N)/(F − K)) for LLaVA-1.5."""
+    for tier, kept in ((64, 41), (128, 134), (192, 227)):
+        check(
+            ttp_keep(tier, num_layers=32, first_layer=2, final_wipe=24, num_visual=576) == kept,
+            "twig.ttp.budget",
+            f"R̄={tier} must give R'={kept}",
+        )
+        ttp, reroute = PRESETS[f"twig_K2_T3_avg{tier}"], PRESETS[f"twig_reroute_K2_T3_avg{tier}"]
+        check(
+            (ttp.schedule.layers, ttp.schedule.keep, ttp.policy) == ((2, 24), (kept, 0), "remove")
+            and (reroute.schedule.layers, reroute.schedule.keep, reroute.policy)
+            == ((2, 8, 16, 24), (kept, kept, kept, 0), "reroute")
+            and ttp.scorer.kind == reroute.scorer.kind == "twig",
+            "twig.presets",
+            f"twig presets at {tier}: {ttp}, {reroute}",
+        )
+
+
+@pytest.mark.spec("twig.presets", "twig.ttp.budget")
+def test_presets(impl):
+    run_check(check_presets, impl)
