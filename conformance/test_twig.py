@@ -9,10 +9,18 @@ fail as a missing capability.
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rerouting.conformance.oracle import check_decisions, check_kv, check_logits, check_structure, run_check
+from rerouting.conformance.oracle import (
+    check_decisions,
+    check_kv,
+    check_logits,
+    check_structure,
+    expect_error,
+    run_check,
+)
 from rerouting.conformance.oracle.twig import TwigObservation, check_ssd, draw_twig_case, run_ssd
 from rerouting.conformance.protocol import check
 from rerouting.reference import PRESETS
@@ -90,3 +98,51 @@ def check_presets(impl):
 @pytest.mark.spec("twig.presets", "twig.ttp.budget")
 def test_presets(impl):
     run_check(check_presets, impl)
+
+
+def check_generate(impl, case, twig_case, max_new_tokens):
+    """``generate(assistant_model=twig)`` under ``route``: the prompt, then SSD's tokens as greedy ``generate`` ends
+    them (pad after EOS); every option SSD cannot serve is refused naming the rule."""
+    from rerouting.optimized import route
+    from rerouting.optimized.generate_ssd import finish
+    from rerouting.optimized.ssd import ssd_generate
+
+    model, inputs = case.model(), case.inputs(case.device)
+    twig = twig_case.twig_in(case.torch_dtype, case.device)
+    eos = model.generation_config.eos_token_id
+    with route(model, case.config, twig=twig):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=twig)
+        for bad in (
+            {"do_sample": True},
+            {"num_beams": 2},
+            {"streamer": object()},
+            {"assistant_model": object()},
+        ):
+            expect_error(
+                "twig.ssd.generate",
+                f"generate with {sorted(bad)}",
+                lambda bad=bad: model.generate(
+                    **inputs, max_new_tokens=2, **({"assistant_model": twig} | bad)
+                ),
+                must_mention=["twig.ssd.generate"],
+            )
+    options = SpeculationOptions(eos_token_id=eos)
+    tokens, _, _ = ssd_generate(
+        model, case.config, twig, **inputs, max_new_tokens=max_new_tokens, options=options
+    )
+    expected = torch.cat(
+        [inputs["input_ids"], finish(tokens, [eos], model.generation_config.pad_token_id or 0)], 1
+    )
+    check(
+        torch.equal(out.cpu(), expected.cpu()),
+        "twig.ssd.generate",
+        f"generate(assistant_model=twig) returned {out.tolist()}, SSD gives {expected.tolist()}",
+    )
+
+
+@pytest.mark.spec("twig.ssd.generate")
+@given(data=st.data())
+def test_generate(impl, data):
+    twig_case = draw_twig_case(data, max_batch=3, padding="left")
+    steps = data.draw(st.integers(1, 5), label="max_new_tokens")
+    run_check(check_generate, impl, twig_case.case, twig_case=twig_case, max_new_tokens=steps)

@@ -148,8 +148,8 @@ class Reference:
             self.host = host_for(model)
         config.schedule.check_layers(self.host.num_layers)
         check_twig(config, twig, self.host)  # [twig.ttp.score]
-        if twig is not None and twig.head.weight.dtype != compute_dtype:
-            twig = copy.deepcopy(twig).to(compute_dtype)
+        if twig is not None:  # converted like the model, and reading the (possibly copied) model's config
+            twig = copy.deepcopy(twig).to(compute_dtype).bind(model)
         self.twig = twig
         self.scoring = scoring_method(config.scorer.kind)
         self.reducer = vision_reducer(reducer)

@@ -66,6 +66,20 @@ class Twig(nn.Module):
         """[twig.module] The twig's norm and head: ``[..., D] -> [..., W]``."""
         return self.head(self.norm(hidden))
 
+    def bind(self, model: nn.Module) -> Twig:
+        """[twig.module] The twig's layers read ``model``'s text configuration (its attention kernel included).
+
+        A copied layer carries a copy of the configuration; rebinding makes the twig run under whatever
+        attention implementation the base is set to, as the base's own layers do.
+        """
+        from transformers import PretrainedConfig
+
+        text = model.config.get_text_config()
+        for module in self.modules():
+            if isinstance(getattr(module, "config", None), PretrainedConfig):
+                module.config = text
+        return self
+
     # --- construction ----------------------------------------------------------------------------
     @classmethod
     def from_base(cls, model: nn.Module, first_layer: int, num_layers: int) -> Twig:
@@ -76,7 +90,7 @@ class Twig(nn.Module):
             copy.deepcopy(host.layers[first_layer + i]) for i in range(num_layers)
         )  # deep copies: never the base's tensors
         twig = cls(first_layer, layers, copy.deepcopy(host.norm), copy.deepcopy(host.lm_head))
-        return twig.to(host.dtype).eval()
+        return twig.bind(model).to(host.dtype).eval()
 
     @classmethod
     def empty(cls, model: nn.Module, first_layer: int, num_layers: int) -> Twig:
@@ -88,7 +102,7 @@ class Twig(nn.Module):
         layers = nn.ModuleList(layer_class(text, layer_idx=first_layer + i) for i in range(num_layers))
         norm = norm_class(text.hidden_size, eps=text.rms_norm_eps)
         head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        return cls(first_layer, layers, norm, head).to(host.dtype).eval()
+        return cls(first_layer, layers, norm, head).bind(model).to(host.dtype).eval()
 
     @classmethod
     def load(cls, folder: str | Path, model: nn.Module) -> Twig:
