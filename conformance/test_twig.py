@@ -124,7 +124,7 @@ def check_generate(impl, case, twig_case, max_new_tokens):
                 lambda bad=bad: model.generate(
                     **inputs, max_new_tokens=2, **({"assistant_model": twig} | bad)
                 ),
-                must_mention=["twig.ssd.generate"],
+                must_mention=["twig.ssd.generate", "routing.errors"],
             )
     options = SpeculationOptions(eos_token_id=eos)
     tokens, _, _ = ssd_generate(

@@ -91,13 +91,12 @@ class Router:
 
         @functools.wraps(original_generate)
         def generate(*args, **kwargs):
-            if kwargs.get("assistant_model") is not None:  # [twig.ssd.generate]
-                if self.twig is None or kwargs["assistant_model"] is not self.twig:
+            if self.twig is not None and kwargs.get("assistant_model") is not None:  # [twig.ssd.generate]
+                if kwargs["assistant_model"] is not self.twig:
                     raise RoutingError(
                         "twig.ssd.generate",
                         "assistant_model must be the twig this model is routed with (route(model, config, "
-                        f"twig=twig)); got {type(kwargs['assistant_model']).__name__}"
-                        + ("" if self.twig is not None else " and no twig is routed"),
+                        f"twig=twig)); got another {type(kwargs['assistant_model']).__name__}",
                     )
                 return generate_ssd(self, model, args, kwargs)
             check_generate_options(model, kwargs)  # before generate builds caches or assistants

@@ -64,7 +64,9 @@ class Schedule:
                     f"decision layers {list(self.layers)} are not strictly increasing ({a} then {b})",
                 )
         for decision, value in enumerate(self.keep):
-            if value == 0 and not isinstance(value, bool):  # [schedule.keep-zero]: the final wipe
+            if (
+                value == 0 and self.unit == "count" and type(value) is int
+            ):  # [schedule.keep-zero]: the final wipe
                 if decision != len(self.keep) - 1:
                     raise RoutingError(
                         "schedule.keep-zero",
@@ -103,7 +105,7 @@ class Schedule:
         The cap by the pool size ([selection.pool-cap]) is applied by the selection, not here.
         """
         value = self.keep[decision]
-        if value == 0:  # [schedule.keep-zero]: no minimum of one for the final wipe
+        if value == 0 and self.unit == "count":  # [schedule.keep-zero]: the final wipe
             return 0
         if self.unit == "count":
             if value > num_visual:

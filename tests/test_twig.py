@@ -159,8 +159,10 @@ def test_kept_count_from_the_target_average():
 
 @pytest.mark.spec("schedule.keep-zero")
 def test_keep_zero_only_at_the_last_decision(model, batch):
-    assert Schedule((1, 3), (0.5, 0)).keep_count(1, 16) == 0
     assert Schedule((1, 3), (4, 0), unit="count").keep_count(1, 16) == 0
+    assert Schedule((3,), (0,), unit="count").keep_count(0, 16) == 0
+    with pytest.raises(RoutingError, match=r"keep ratio 0.0 is outside \(0, 1\].*schedule.keep-ratio"):
+        Schedule((1, 3), (0.5, 0.0))
     with pytest.raises(
         RoutingError,
         match=r"keep target 0 at decision layer 1: .*last decision \(layer 3\).*schedule.keep-zero",
@@ -168,7 +170,9 @@ def test_keep_zero_only_at_the_last_decision(model, batch):
         Schedule((1, 3), (0, 4), unit="count")
     for policy in ("remove", "reroute"):
         for kind in ("attention", "random"):
-            config = RoutingConfig(Schedule((1, 4), (0.5, 0.0)), policy=policy, scorer=Scorer(kind=kind))
+            config = RoutingConfig(
+                Schedule((1, 4), (8, 0), unit="count"), policy=policy, scorer=Scorer(kind=kind)
+            )
             ref = Reference(model, config).prefill(**batch)
             fast = routed_prefill(model, config, **batch)
             for sample, other in zip(ref.trace.samples, fast.trace.samples):
