@@ -18,7 +18,10 @@ from rerouting.optimized import routed_prefill
 from rerouting.optimized.ssd import ssd_generate as optimized_ssd
 from rerouting.reference import PRESETS, Reference, RoutingConfig, RoutingError, Schedule, Scorer, Twig
 from rerouting.reference import ssd as reference_ssd
+from rerouting.reference.archs import ArchSpec
+from rerouting.reference.budget_twig import twig_budget
 from rerouting.reference.decode import greedy_generate
+from rerouting.reference.flops import layer_flops_true
 from rerouting.reference.schedule import ttp_config, ttp_keep
 from rerouting.reference.ssd import SpeculationOptions, ssd_generate, twig_prefill
 from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
@@ -199,6 +202,13 @@ def test_twig_presets_on_a_576_token_llava():
         assert counts == [576] * 2 + [kept] * 22 + [0] * 8
         assert round(avg_visual_tokens(counts), 2) == 64.19
         assert [int(e) for e in result.twig_cache.entries[2:5]] == [583] * 3  # the twig's full-prompt KV
+        b = twig_budget(sample, ArchSpec.from_model(big), first_layer=2, twig_layers=3)
+        assert b.kv_entries["base_prefix"] == (583, 583) and b.kv_entries["twig"] == (583,) * 3
+        assert list(b.kv_entries["base_routed"]) == [
+            int(e) for e in result.cache.entries[2:]
+        ]  # the real cache
+        assert b.twig_visual_token_layers == 3 * 576 and round(b.avg_visual_tokens, 2) == 64.19
+        assert b.twig_flops_true == 3 * sum(layer_flops_true(ArchSpec.from_model(big), 583).values())
     with pytest.raises(RoutingError, match=r"twig_layers=3 layers, the twig has T=2"):
         routed_prefill(big, PRESETS["twig_K2_T3_avg64"], **inputs, twig=Twig.from_base(big, 2, 2))
 
@@ -300,3 +310,18 @@ def test_forgetting_to_roll_back_the_twig_cache_is_caught():
         check_lossless(Checked(ReferenceImpl()), MUTANT_CASE.case, MUTANT_CASE, 8, OPTIONS)
     assert caught.value.rule == "twig.ssd.rollback", caught.value
     assert "twig layer" in str(caught.value)
+
+
+@pytest.mark.spec("twig.budget", "twig.ssd.lossless")
+def test_ssd_bench_formula_and_a_settable_acceptance():
+    from rerouting.optimized.bench_ssd import _measure, acceptance, expected_speedup, synthetic
+    from rerouting.reference.ssd import SpeculationStats
+
+    assert expected_speedup(1.0, 5, 0.0) == 6.0  # every draft accepted, free drafts: γ + 1 tokens per step
+    assert abs(expected_speedup(0.5, 1, 0.5) - 1.5 / 1.5) < 1e-12  # (1 - α²)/(1 - α) = 1.5 tokens, 1.5 steps
+    stats = SpeculationStats(drafted=[[5, 5]], accepted=[[5, 2]])
+    assert acceptance(stats) == 7 / 8  # 5 of 5 examined, then 2 of 3
+    model, twig, routings, config = synthetic(0.0, quick=True, dtype=torch.float32, device="cpu")
+    batch = make_batch(config, [SampleSpec((6, 4)), SampleSpec((3, 2))], padding="left", seed=5)
+    row = _measure(model, twig, routings["R'=N"], batch, 8, ("cpu", 1, 0, "cpu"))
+    assert row["ssd_equals_greedy"] and row["alpha"] == 1.0  # λ = 0, nothing pruned: the twig is the base
