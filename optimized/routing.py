@@ -195,7 +195,11 @@ class _Prefill:
                     if decision is not None:
                         decisions[b].append(decision)
                 early = None
-            if previous and index + 1 in config.schedule.layers:  # [scoring.probe.variant-layer]
+            upcoming = index + 1 in config.schedule.layers
+            wipe = upcoming and config.schedule.keep[config.schedule.layers.index(index + 1)] == 0
+            if (
+                previous and upcoming and not wipe
+            ):  # [scoring.probe.variant-layer]; a k = 0 decision scores nothing
                 early = self._probe(layer)
             for b, s in enumerate(self.samples):
                 active_visual[b].append(tuple(range(len(s.visual))) if s.selected is None else s.selected)
