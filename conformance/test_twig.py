@@ -8,6 +8,8 @@ fail as a missing capability.
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 from hypothesis import given
@@ -23,23 +25,69 @@ from rerouting.conformance.oracle import (
 )
 from rerouting.conformance.oracle.twig import TwigObservation, check_ssd, draw_twig_case, run_ssd
 from rerouting.conformance.protocol import check
-from rerouting.reference import PRESETS
+from rerouting.reference import PRESETS, Twig
+from rerouting.reference.archs import ArchSpec
+from rerouting.reference.budget_twig import twig_budget
 from rerouting.reference.schedule import ttp_keep
 from rerouting.reference.ssd import SpeculationOptions
 
 
 def check_ttp(impl, case, twig_case):
-    """The TTP prefill: structure (the wipe's k = 0 included), decisions, logits and per-layer KV vs the truth."""
+    """The TTP prefill: structure (the wipe's k = 0 included), decisions, logits and per-layer KV vs the truth;
+    its budget per cache group; the same run with the twig saved to and loaded from its folder."""
     obs = TwigObservation(impl, twig_case)
     check_structure(obs)
     check_decisions(obs)
     check_logits(obs, "twig.ttp.score")
     check_kv(obs, "twig.ttp.final-wipe")
+    check_budget(obs)
+    check_folder(impl, obs)
     return obs
 
 
+def check_budget(obs):
+    """[twig.budget] KV entries per cache group from the trace are what the implementation's cache holds."""
+    twig = obs.twig_case.twig
+    arch = ArchSpec.from_model(obs.case.model64())
+    for b, sample in enumerate(obs.out.trace.samples):
+        budget = twig_budget(sample, arch, first_layer=twig.first_layer, twig_layers=twig.num_layers)
+        held = [len(entry.positions) for entry in obs.out.kv[b]]
+        groups = budget.kv_entries
+        check(
+            list(groups["base_prefix"]) + list(groups["base_routed"]) == held,
+            "twig.budget",
+            f"sample {b}: the budget's base KV entries {groups} differ from the cache's {held}",
+        )
+        check(
+            groups["twig"] == (obs.layouts[b].length,) * twig.num_layers,
+            "twig.budget",
+            f"sample {b}: the twig group {groups['twig']} is not T = {twig.num_layers} layers of the full prompt",
+        )
+
+
+def check_folder(impl, obs):
+    """[twig.format] A twig written to its folder and loaded back routes exactly as the twig itself."""
+    case = obs.case
+    with tempfile.TemporaryDirectory() as folder:
+        obs.twig_case.twig_in(case.torch_dtype).save(folder)
+        model = case.model()
+        loaded = Twig.load(folder, model).to(case.device)
+    again = impl.prefill(model, case.config, **case.inputs(case.device), twig=loaded)
+    check(
+        torch.equal(again.logits.cpu(), obs.out.logits.cpu()),
+        "twig.format",
+        "the prefill with the twig loaded from its folder differs from the prefill with the twig itself",
+    )
+
+
 @pytest.mark.spec(
-    "twig.ttp.score", "twig.ttp.final-wipe", "schedule.keep-zero", "twig.module", "twig.init-from-base"
+    "twig.ttp.score",
+    "twig.ttp.final-wipe",
+    "schedule.keep-zero",
+    "twig.module",
+    "twig.init-from-base",
+    "twig.budget",
+    "twig.format",
 )
 @given(data=st.data())
 def test_ttp_prefill(impl, data):
@@ -64,13 +112,13 @@ def check_lossless(impl, case, twig_case, max_new_tokens, options):
 )
 @given(data=st.data())
 def test_ssd_lossless(impl, data):
-    twig_case = draw_twig_case(data, max_batch=4, padding="left")
+    twig_case = draw_twig_case(data, max_batch=4, padding="left", max_layers=4)
     options = SpeculationOptions(
         num_speculations=data.draw(st.integers(1, 5), label="num_speculations"),
         draft_confidence=data.draw(st.sampled_from([0.0, 0.6, 0.95]), label="draft_confidence"),
         eos_token_id=data.draw(st.sampled_from([None, 2]), label="eos_token_id"),
     )
-    steps = data.draw(st.integers(1, 6), label="max_new_tokens")
+    steps = data.draw(st.integers(1, 5), label="max_new_tokens")
     run_check(
         check_lossless, impl, twig_case.case, twig_case=twig_case, max_new_tokens=steps, options=options
     )

@@ -53,6 +53,7 @@ class SpeculationStats:
         drafted, accepted: per sample, per round, ``n`` and ``m`` ([twig.ssd.verify]).
         fed: ``[B]`` tokens kept in every cache group so far (the accepted ones).
         lengths: after each round's rollback, ``{group: [layers][B]}`` entries per layer (``cache_lengths``).
+        fed_history: after each round, ``fed`` as it stood then (what ``lengths`` must add to the prefill's).
         logits: per sample, the base logits ``[V]`` each emitted token is the argmax of.
     """
 
