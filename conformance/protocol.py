@@ -215,6 +215,8 @@ CAPABILITIES: tuple[str, ...] = (
     "decode_step",
     "decode_step KV (DecodeOutput.kv)",
     "image_grid_thw",
+    "twig",  # prefill(..., twig=) on a TTP case (TwigVLM; checks skipped without it)
+    "ssd_generate",  # self-speculative decoding (TwigVLM; checks skipped without it)
 )
 
 
