@@ -151,6 +151,12 @@ class Scorer:
             raise RoutingError(
                 "scoring.scorer", f"scorer kind {self.kind!r} is not 'attention', 'random' or 'twig'"
             )
+        if self.kind == "twig" and self.probe_layer != "decision":
+            raise RoutingError(
+                "twig.ttp.score",
+                f"probe_layer={self.probe_layer!r} with kind='twig': the twig scores at K and later decisions "
+                "use their own layer's probe (probe_layer='decision')",
+            )
         if self.twig_layers is not None and (
             self.kind != "twig"
             or isinstance(self.twig_layers, bool)

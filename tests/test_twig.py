@@ -104,6 +104,10 @@ def test_bad_twigs_and_schedules_name_value_and_rule(model, batch):
         routed_prefill(model, ttp(4, L, 2), **batch, twig=Twig.from_base(model, 1, 2))
     with pytest.raises(RoutingError, match=r"twig_layers=3 layers, the twig has T=2.*twig.ttp.score"):
         Reference(model, ttp(4, L, 3), twig=twig)
+    with pytest.raises(RoutingError, match=r"probe_layer='previous' with kind='twig'.*twig.ttp.score"):
+        Scorer(kind="twig", probe_layer="previous")
+    with pytest.raises(RoutingError, match=r"twig_layers=2 needs kind='twig'.*twig.ttp.score"):
+        Scorer(twig_layers=2)
     with pytest.raises(RoutingError, match=r"scorer is 'attention'.*would do nothing.*twig.ttp.score"):
         Reference(model, RoutingConfig(Schedule((2,), (0.5,))), twig=twig)
 
