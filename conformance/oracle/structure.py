@@ -127,7 +127,14 @@ def _check_decision(config: RoutingConfig, where: str, s: int, layout, decision,
         "scoring.probe.head-mean",
         f"{where}: scores have shape {tuple(decision.scores.shape)}, expected one per visual token ({N},)",
     )
-    if config.scorer.kind == "attention":
+    if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer
+        check(
+            decision.probe_keys == decision.probe_queries == 0,
+            "schedule.keep-zero",
+            f"{where}: a k = 0 decision records a probe of {decision.probe_keys} keys, {decision.probe_queries} "
+            "query rows (no scorer runs)",
+        )
+    elif config.scorer.kind in ("attention", "twig"):
         _check_probe(config, where, layout, pool, decision)
     return chosen
 
