@@ -161,6 +161,7 @@ class Router:
             use_cache=use_cache,
             logits_to_keep=arguments.get("logits_to_keep", 0),
             image_features=None if image is None else image.pooler_output,
+            deepstack_features=getattr(image, "deepstack_features", None),  # [hosts.deepstack]: Qwen3-VL
             **host_inputs,
         )
         rotary = None if result.cache is None else result.cache.rotary

@@ -109,13 +109,23 @@ class RotaryIds:
 
 @dataclass(frozen=True)
 class AttentionParts:
-    """[scoring.probe.projection] What the probe replicates of one decoder layer: norm, q/k projections."""
+    """[scoring.probe.projection] What the probe replicates of one decoder layer: norm, q/k projections.
+
+    Attributes:
+        q_norm, k_norm: per-head norms over ``head_dim`` applied after the projection and before RoPE
+            (Qwen3-VL, Qwen3.5; [hosts.qk-norm]); None where the layer has none.
+        query_gate: ``q_proj`` gives ``[query, gate]`` per head (``2·head_dim``); the probe reads the query half
+            ([hosts.gated-query]).
+    """
 
     input_norm: nn.Module
     q_proj: nn.Module
     k_proj: nn.Module
     head_dim: int
     scaling: float
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+    query_gate: bool = False
 
 
 @runtime_checkable
@@ -209,6 +219,8 @@ class DecoderHost:
     """
 
     rotary_axes: int = 1  # ids per token the rotary takes: 1 (RoPE) or 3 (mRoPE)
+    query_gate: bool = False  # q_proj gives [query, gate] per head ([hosts.gated-query])
+    deepstack_levels: int = 0  # visual features added after layers 0 .. levels-1 ([hosts.deepstack])
 
     def __init__(self, model: nn.Module):
         name = type(model).__name__
@@ -245,9 +257,26 @@ class DecoderHost:
 
     def attention_parts(self, layer: nn.Module) -> AttentionParts:
         """[scoring.probe.projection] The layer's input norm, q/k projections (with their biases, if any), head
-        dim and scaling."""
+        dim and scaling; its q/k norms where it has them ([hosts.qk-norm])."""
         attn = layer.self_attn
-        return AttentionParts(layer.input_layernorm, attn.q_proj, attn.k_proj, attn.head_dim, attn.scaling)
+        return AttentionParts(
+            layer.input_layernorm,
+            attn.q_proj,
+            attn.k_proj,
+            attn.head_dim,
+            attn.scaling,
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            query_gate=self.query_gate,
+        )
+
+    def check_config(self, config: Any) -> None:
+        """[hosts.linear.decisions] [hosts.deepstack] Refuse a routing config this host cannot run as specified.
+
+        Every decision layer (and, for ``probe_layer="previous"``, the layer before it) must be a softmax
+        layer; with DeepStack levels the first decision layer must come after every injection.
+        """
+        check_host_config(self, config)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[routing.output] The host's final norm and head: ``[..., D] -> [..., V]``."""
@@ -412,3 +441,59 @@ def scatter_features(
             f"{features.shape[0]} image features",
         )
     return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+
+
+def check_host_config(host: Host, config: Any) -> None:
+    """[hosts.linear.decisions] [hosts.deepstack] A routing config against a host's layer kinds and DeepStack levels.
+
+    A decision (or the ``previous`` probe layer) at a linear-attention layer is an error naming the layer and
+    its type; with ``L_ds`` DeepStack levels the first decision layer must be ``>= L_ds``.
+    """
+    kinds = host.layer_kinds
+    probe_shift = 1 if config.scorer.kind == "attention" and config.scorer.probe_layer == "previous" else 0
+    for layer in config.schedule.layers:
+        for index, what in ((layer, "decision layer"), (layer - probe_shift, "probe layer")):
+            if 0 <= index < len(kinds) and kinds[index] != "softmax":
+                types = getattr(host.config.get_text_config(), "layer_types", None) or ()
+                name = types[index] if index < len(types) else kinds[index]
+                softmax = [i for i, kind in enumerate(kinds) if kind == "softmax"]
+                raise RoutingError(
+                    "hosts.linear.decisions",
+                    f"{what} {index} is a {name} layer: decisions and probes need a softmax-attention layer "
+                    f"(this host's full_attention layers: {softmax})",
+                )
+    levels = getattr(host, "deepstack_levels", 0)
+    if levels and config.schedule.layers[0] < levels:
+        raise RoutingError(
+            "hosts.deepstack",
+            f"first decision layer {config.schedule.layers[0]} is inside the DeepStack injections (visual features "
+            f"are added after layers 0..{levels - 1}): the first decision layer must be >= {levels}",
+        )
+
+
+def embed_inputs(
+    host: Host,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    image_grid_thw: torch.Tensor | None = None,
+    deepstack_features: Sequence[Sequence[torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """[layout.visual-set] [hosts.deepstack] Merged input embeddings ``[B, T, D]`` and the host's DeepStack levels.
+
+    Level ``j`` (``[B, T, D]``, the vision tower's level-``j`` features in the placeholder slots, zero
+    elsewhere) is added to the visual rows right after decoder layer ``j``; ``()`` for a host without
+    DeepStack. ``deepstack_features``: per level the per-image features ``generate`` computed together with
+    ``image_features``.
+    """
+    grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
+    if getattr(host, "deepstack_levels", 0):
+        return host.embed_deepstack(
+            input_ids, pixel_values, image_features, deepstack_features=deepstack_features, **grid
+        )
+    if deepstack_features is not None:
+        raise RoutingError(
+            "hosts.deepstack", f"DeepStack features given to a host without DeepStack ({type(host).__name__})"
+        )
+    return host.embed(input_ids, pixel_values, image_features, **grid), ()
