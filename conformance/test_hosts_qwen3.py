@@ -1,0 +1,118 @@
+"""Conformance on Qwen3-family hosts (spec/hosts.md): Qwen3-VL (q/k norms, DeepStack) and Qwen3.5 (hybrid).
+
+The cases draw their own family (``qwen3-vl`` or ``qwen3.5``, those the installed transformers serves and the
+implementation takes), a tiny host of 3-5 layers from the general host draw (``oracle.hosts.as_qwen``), a
+layout with per-image grids, and a schedule the family allows: ``d_0 >= 2`` on Qwen3-VL (its two DeepStack
+levels, [hosts.deepstack]), decisions at the softmax layers 1, 3 on Qwen3.5 ([hosts.linear.decisions]),
+whose cases also draw the linear-attention semantics ([hosts.linear.semantics]). Truth: the reference in
+float64; keep-all cases also against the unrouted host forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rerouting.conformance.oracle import (
+    check_against_host,
+    check_decisions,
+    check_kv,
+    check_logits,
+    check_scores,
+    check_structure,
+    observe,
+    run_check,
+)
+from rerouting.conformance.oracle.hosts import HOST_CLASSES, QWEN3_FAMILIES, QWEN3_SERVED, release_refuses
+from rerouting.conformance.oracle.strategies import (
+    Case,
+    as_qwen,
+    dtypes,
+    hosts,
+    layouts,
+    qwen_grids,
+    schedules,
+)
+from rerouting.reference import RoutingConfig, Schedule, Scorer
+from rerouting.reference.schedule import LINEAR_SEMANTICS
+
+#: The rule a failure on each family is reported under (besides the general rules the checks name).
+RULE = {"qwen3-vl": "hosts.qk-norm", "qwen3.5": "hosts.linear.semantics"}
+
+
+def _families(impl) -> tuple[str, ...]:
+    drawn = tuple(f for f in QWEN3_SERVED if impl.supports_host(HOST_CLASSES[f]))
+    if not drawn:
+        reasons = {
+            f: release_refuses(f) or f"the implementation does not take {HOST_CLASSES[f]}"
+            for f in QWEN3_FAMILIES
+        }
+        pytest.skip(f"no Qwen3-family host is drawn: {reasons}")
+    return drawn
+
+
+def qwen3_case(data, impl, *, keep_all: bool = False) -> Case:
+    """One labelled draw per part: family, host, layout, grids, schedule, policy, semantics, scorer, dtype."""
+    family = data.draw(st.sampled_from(_families(impl)), label="family")
+    kernel = data.draw(st.sampled_from(["sdpa", "eager"]), label="attention")
+    ties = st.sampled_from(["none", "none", "exact", "near-3"])
+    host = data.draw(
+        hosts(min_layers=3, max_layers=5, ties=ties).map(lambda h: as_qwen(h, family)), label="host"
+    )
+    host = replace(host, attention=kernel)
+    layout = data.draw(layouts(max_batch=3, max_images=2), label="layout")
+    layout = replace(layout, grids=data.draw(qwen_grids(layout), label="grids"))
+    routed = [n for n in layout.num_visual(host) if n]
+    allowed = host.softmax_layers if family == "qwen3.5" else tuple(range(2, host.num_layers))
+    slots = data.draw(schedules(len(allowed), min(routed, default=1), keep_all=keep_all), label="schedule")
+    schedule = Schedule(tuple(allowed[i] for i in slots.layers), slots.keep, unit=slots.unit)
+    policy = data.draw(st.sampled_from(["reroute", "remove"]), label="policy")
+    semantics = (
+        data.draw(st.sampled_from(LINEAR_SEMANTICS), label="linear_attention")
+        if family == "qwen3.5"
+        else "dense"
+    )
+    scorer = data.draw(st.sampled_from([Scorer(), Scorer(), Scorer(kind="random", seed=3)]), label="scorer")
+    config = RoutingConfig(schedule, policy=policy, scorer=scorer, linear_attention=semantics)
+    return Case(host, layout, config, dtype=data.draw(dtypes(), label="dtype"))
+
+
+def check_qwen3_routing(impl, case: Case) -> None:
+    """Trace structure (a linear layer runs what its semantics names), caches, logits, scores and decisions."""
+    rule = RULE[case.host.family]
+    obs = observe(impl, case)
+    check_structure(obs)
+    check_kv(obs, rule)
+    check_logits(obs, rule)
+    check_scores(obs, rule)  # a probe without the layer's q/k norms, gate split or partial rotary fails here
+    check_decisions(obs)
+
+
+@pytest.mark.spec(
+    "hosts.qk-norm",
+    "hosts.gated-query",
+    "hosts.partial-rotary",
+    "hosts.deepstack",
+    "hosts.linear.semantics",
+    "hosts.linear.dense",
+    "hosts.linear.bypass",
+)
+@given(data=st.data())
+def test_qwen3_hosts_route_as_the_reference(impl, data):
+    run_check(check_qwen3_routing, impl, qwen3_case(data, impl))
+
+
+def check_qwen3_keep_all(impl, case: Case) -> None:
+    """Keep ratio 1 everywhere: every sample equals the unrouted host forward (DeepStack, linear layers included)."""
+    obs = observe(impl, case)
+    check_structure(obs)
+    check_against_host(obs, "routing.equiv.keep-all", range(len(obs.layouts)))
+
+
+@pytest.mark.spec("routing.equiv.keep-all", "hosts.deepstack", "hosts.linear.semantics")
+@given(data=st.data())
+def test_qwen3_keep_all_is_the_unrouted_host(impl, data):
+    run_check(check_qwen3_keep_all, impl, qwen3_case(data, impl, keep_all=True))
