@@ -19,16 +19,21 @@ from hypothesis import strategies as st
 from rerouting.conformance.oracle import (
     check_against_host,
     check_decisions,
+    check_decode,
     check_kv,
     check_logits,
     check_scores,
     check_structure,
+    expect_error,
     observe,
     run_check,
+    run_decode,
 )
 from rerouting.conformance.oracle.hosts import HOST_CLASSES, QWEN3_FAMILIES, QWEN3_SERVED, release_refuses
 from rerouting.conformance.oracle.strategies import (
     Case,
+    HostSpec,
+    Layout,
     as_qwen,
     dtypes,
     hosts,
@@ -54,7 +59,7 @@ def _families(impl) -> tuple[str, ...]:
     return drawn
 
 
-def qwen3_case(data, impl, *, keep_all: bool = False) -> Case:
+def qwen3_case(data, impl, *, keep_all: bool = False, max_batch: int = 3) -> Case:
     """One labelled draw per part: family, host, layout, grids, schedule, policy, semantics, scorer, dtype."""
     family = data.draw(st.sampled_from(_families(impl)), label="family")
     kernel = data.draw(st.sampled_from(["sdpa", "eager"]), label="attention")
@@ -63,7 +68,7 @@ def qwen3_case(data, impl, *, keep_all: bool = False) -> Case:
         hosts(min_layers=3, max_layers=5, ties=ties).map(lambda h: as_qwen(h, family)), label="host"
     )
     host = replace(host, attention=kernel)
-    layout = data.draw(layouts(max_batch=3, max_images=2), label="layout")
+    layout = data.draw(layouts(max_batch=max_batch, max_images=2), label="layout")
     layout = replace(layout, grids=data.draw(qwen_grids(layout), label="grids"))
     routed = [n for n in layout.num_visual(host) if n]
     allowed = host.softmax_layers if family == "qwen3.5" else tuple(range(2, host.num_layers))
@@ -115,4 +120,49 @@ def check_qwen3_keep_all(impl, case: Case) -> None:
 @pytest.mark.spec("routing.equiv.keep-all", "hosts.deepstack", "hosts.linear.semantics")
 @given(data=st.data())
 def test_qwen3_keep_all_is_the_unrouted_host(impl, data):
-    run_check(check_qwen3_keep_all, impl, qwen3_case(data, impl, keep_all=True))
+    run_check(check_qwen3_keep_all, impl, qwen3_case(data, impl, keep_all=True, max_batch=2))
+
+
+def check_qwen3_decode(impl, case: Case, steps: int, token_seed: int) -> None:
+    """Cached decode == recomputing the routed forward with the same decisions: on Qwen3.5 each linear layer
+    continues its recurrence from the state the prefill left ([hosts.linear.cache]), under either semantics."""
+    run = run_decode(impl, case, steps, token_seed)
+    hybrid = case.host.family == "qwen3.5"
+    check_decode(run, "hosts.linear.cache" if hybrid else "cache.decode.equiv", kv=not hybrid)
+
+
+@pytest.mark.spec("hosts.linear.cache", "cache.decode.equiv")
+@given(data=st.data())
+def test_qwen3_decode_continues_the_routed_cache(impl, data):
+    case = qwen3_case(data, impl, max_batch=2)
+    steps = data.draw(st.integers(1, 2), label="steps")
+    run_check(
+        check_qwen3_decode, impl, case, steps=steps, token_seed=data.draw(st.integers(0, 99), label="tokens")
+    )
+
+
+def check_qwen3_schedule_errors(impl, family: str) -> None:
+    """A decision at a linear layer (Qwen3.5) or inside the DeepStack injections (Qwen3-VL) is a clear error."""
+    host = replace(as_qwen(HostSpec(num_layers=4), family), attention="sdpa")
+    layout = Layout(((2, 3),), "left", 0, (((4, 4),),))
+    bad, what = (
+        (Schedule((2,), (0.5,)), "a decision at linear-attention layer 2")
+        if family == "qwen3.5"
+        else (Schedule((1,), (0.5,)), "a decision at layer 1, before the second DeepStack injection")
+    )
+    case = Case(host, layout, RoutingConfig(bad))
+    rule = "hosts.linear.decisions" if family == "qwen3.5" else "hosts.deepstack"
+    expect_error(
+        rule,
+        what,
+        lambda: impl.prefill(case.model(), case.config, **case.inputs(case.device)),
+        must_mention=(rule, "routing.errors"),
+    )
+
+
+@pytest.mark.spec("hosts.linear.decisions", "hosts.deepstack", "routing.errors")
+@pytest.mark.parametrize("family", QWEN3_FAMILIES)
+def test_qwen3_schedule_errors(impl, family):
+    if family not in _families(impl):
+        pytest.skip(release_refuses(family) or f"the implementation does not take {HOST_CLASSES[family]}")
+    run_check(check_qwen3_schedule_errors, impl, family=family)

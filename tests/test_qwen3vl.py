@@ -235,3 +235,15 @@ def test_old_releases_are_refused_with_a_reason():
         reason = qwen3_release_refusal(family, "5.4.0")
         assert reason is not None and "5.4.0" in reason and ">=5.6" in reason
         assert qwen3_release_refusal(family, "5.24.0") is None
+
+
+@pytest.mark.spec("routing.errors")
+@pytest.mark.skipif(REFUSED is None, reason="the installed transformers serves the Qwen3 hosts")
+def test_the_installed_old_release_is_refused():
+    """On the CI floor leg (5.4) both Qwen3 hosts refuse a real model, naming the release."""
+    from rerouting.reference import Qwen3_5Host
+    from rerouting.reference.tiny_qwen3 import tiny_qwen35
+
+    for build, host in ((tiny_qwen3vl, Qwen3VLHost), (tiny_qwen35, Qwen3_5Host)):
+        with pytest.raises(RoutingError, match=r"host refused: transformers .*\[rule routing\.errors\]"):
+            host(build(seed=0))
