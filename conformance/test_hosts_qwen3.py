@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -41,6 +42,7 @@ from rerouting.conformance.oracle.strategies import (
     qwen_grids,
     schedules,
 )
+from rerouting.conformance.protocol import check
 from rerouting.reference import RoutingConfig, Schedule, Scorer
 from rerouting.reference.schedule import LINEAR_SEMANTICS
 
@@ -59,9 +61,9 @@ def _families(impl) -> tuple[str, ...]:
     return drawn
 
 
-def qwen3_case(data, impl, *, keep_all: bool = False, max_batch: int = 3) -> Case:
+def qwen3_case(data, impl, *, keep_all: bool = False, max_batch: int = 3, family: str | None = None) -> Case:
     """One labelled draw per part: family, host, layout, grids, schedule, policy, semantics, scorer, dtype."""
-    family = data.draw(st.sampled_from(_families(impl)), label="family")
+    family = family or data.draw(st.sampled_from(_families(impl)), label="family")
     kernel = data.draw(st.sampled_from(["sdpa", "eager"]), label="attention")
     ties = st.sampled_from(["none", "none", "exact", "near-3"])
     host = data.draw(
@@ -107,7 +109,7 @@ def check_qwen3_routing(impl, case: Case) -> None:
 )
 @given(data=st.data())
 def test_qwen3_hosts_route_as_the_reference(impl, data):
-    run_check(check_qwen3_routing, impl, qwen3_case(data, impl))
+    run_check(check_qwen3_routing, impl, qwen3_case(data, impl, max_batch=2))
 
 
 def check_qwen3_keep_all(impl, case: Case) -> None:
@@ -166,3 +168,86 @@ def test_qwen3_schedule_errors(impl, family):
     if family not in _families(impl):
         pytest.skip(release_refuses(family) or f"the implementation does not take {HOST_CLASSES[family]}")
     run_check(check_qwen3_schedule_errors, impl, family=family)
+
+
+#: The modules of a linear layer whose FLOPs the counter attributes cleanly (the conv and the chunked
+#: recurrence kernel compute [budget.flops.linear]'s result with other work: not compared live).
+_LINEAR_PARTS = tuple(
+    f"linear_attn.{name}" for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+)
+
+
+def check_linear_budget(impl, case: Case) -> None:
+    """One sample on Qwen3.5: every linear layer's projections and MLP, counted live (FlopCounterMode), are the
+    budget's over the tokens the trace says it ran ([budget.flops.linear]); its cache is a state, not K/V
+    entries, of the budget's bytes ([budget.kv.state-bytes])."""
+    from rerouting.conformance.oracle.flops import flop_counter
+    from rerouting.reference.archs import ArchSpec
+    from rerouting.reference.budget import budget_from_trace
+    from rerouting.reference.flops_linear import linear_state_bytes
+
+    model = case.model()
+    layers = model.model.language_model.layers
+    counter, live, start, handles = flop_counter(), {}, {}, []
+
+    def total() -> int:
+        counts = counter.get_flop_counts()
+        keys = [f"{type(layers[0]).__name__}.{part}" for part in (*_LINEAR_PARTS, "mlp")]
+        return sum(sum(counts.get(key, {}).values()) for key in keys)
+
+    for index, layer in enumerate(layers):
+        if hasattr(layer, "linear_attn"):
+            handles.append(
+                layer.register_forward_pre_hook(lambda m, a, i=index: start.__setitem__(i, total()))
+            )
+            handles.append(
+                layer.register_forward_hook(
+                    lambda m, a, o, i=index: live.__setitem__(i, live.get(i, 0) + total() - start[i])
+                )
+            )
+    try:
+        with counter, torch.no_grad():
+            out = impl.prefill(model, case.config, **case.inputs(case.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    obs = observe(impl, case, out=out)
+    check_structure(obs)
+    arch = ArchSpec.from_text_config(model.config.text_config)
+    budget = budget_from_trace(out.trace, arch, kv_dtype=case.torch_dtype, config=case.config).samples[0]
+    for lb in budget.layers:
+        if arch.kind(lb.layer) != "linear":
+            continue
+        parts = lb.flops_true
+        expected = parts["proj_in"] + parts["proj_out"] + parts["mlp"]
+        check(
+            live.get(lb.layer) == expected,
+            "budget.flops.linear",
+            f"linear layer {lb.layer} ({lb.tokens} tokens): the counter saw {live.get(lb.layer)} FLOPs in its "
+            f"projections and MLP, the budget says {expected}",
+            observed=live.get(lb.layer),
+            allowed=expected,
+        )
+        entry = out.kv[0][lb.layer]
+        check(
+            entry.keys.numel() == 0 and lb.kv_entries == 0,
+            "budget.kv.state-bytes",
+            f"linear layer {lb.layer}: the cache reports {entry.keys.numel()} K elements, the budget "
+            f"{lb.kv_entries} entries (a linear layer holds a state, no entries)",
+        )
+        check(
+            lb.kv_bytes == linear_state_bytes(arch, case.torch_dtype),
+            "budget.kv.state-bytes",
+            f"linear layer {lb.layer}: {lb.kv_bytes} state bytes, expected {linear_state_bytes(arch, case.torch_dtype)}",
+        )
+
+
+@pytest.mark.spec("budget.flops.linear", "budget.kv.state-bytes", "hosts.linear.dense", "hosts.linear.bypass")
+@given(data=st.data())
+def test_linear_layer_budgets(impl, data):
+    if "qwen3.5" not in _families(impl):
+        pytest.skip(
+            release_refuses("qwen3.5") or f"the implementation does not take {HOST_CLASSES['qwen3.5']}"
+        )
+    case = qwen3_case(data, impl, max_batch=1, family="qwen3.5")
+    run_check(check_linear_budget, impl, case)

@@ -449,20 +449,27 @@ def check_host_config(host: Host, config: Any) -> None:
     A decision (or the ``previous`` probe layer) at a linear-attention layer is an error naming the layer and
     its type; with ``L_ds`` DeepStack levels the first decision layer must be ``>= L_ds``.
     """
-    kinds = host.layer_kinds
+    types = tuple(getattr(host.config.get_text_config(), "layer_types", None) or ())
+    check_layer_config(host.layer_kinds, getattr(host, "deepstack_levels", 0), config, types)
+
+
+def check_layer_config(kinds: Sequence[str], levels: int, config: Any, types: Sequence[str] = ()) -> None:
+    """[hosts.linear.decisions] [hosts.deepstack] A routing config against layer kinds and DeepStack levels.
+
+    ``kinds[l]``: ``"softmax"`` or ``"linear"`` (a host's ``layer_kinds``, an ``ArchSpec``'s); ``types``: the
+    config's ``layer_types`` names, for the message.
+    """
     probe_shift = 1 if config.scorer.kind == "attention" and config.scorer.probe_layer == "previous" else 0
     for layer in config.schedule.layers:
         for index, what in ((layer, "decision layer"), (layer - probe_shift, "probe layer")):
             if 0 <= index < len(kinds) and kinds[index] != "softmax":
-                types = getattr(host.config.get_text_config(), "layer_types", None) or ()
-                name = types[index] if index < len(types) else kinds[index]
+                name = types[index] if index < len(types) else f"{kinds[index]}-attention"
                 softmax = [i for i, kind in enumerate(kinds) if kind == "softmax"]
                 raise RoutingError(
                     "hosts.linear.decisions",
                     f"{what} {index} is a {name} layer: decisions and probes need a softmax-attention layer "
                     f"(this host's full_attention layers: {softmax})",
                 )
-    levels = getattr(host, "deepstack_levels", 0)
     if levels and config.schedule.layers[0] < levels:
         raise RoutingError(
             "hosts.deepstack",

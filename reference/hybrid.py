@@ -59,3 +59,24 @@ def inject(hidden: torch.Tensor, visual: Sequence[int], level: torch.Tensor) -> 
     result = hidden.clone()
     result[idx] = hidden[idx] + level[idx].to(hidden.dtype)
     return result
+
+
+def presets_for(arch) -> tuple[str, ...]:
+    """[schedule.presets] [hosts.linear.decisions] [hosts.deepstack] The presets an architecture can run.
+
+    Those whose decision layers fit its layers, fall on its softmax layers and, with DeepStack, start after
+    the injections (``ArchSpec``: ``layer_kinds``, ``deepstack_levels``).
+    """
+    from .host import check_layer_config
+    from .schedule import PRESETS, RoutingError
+
+    kinds = tuple(arch.kind(layer) for layer in range(arch.num_layers))
+    names = []
+    for name, config in sorted(PRESETS.items()):
+        try:
+            config.schedule.check_layers(arch.num_layers)
+            check_layer_config(kinds, arch.deepstack_levels, config)
+        except RoutingError:
+            continue
+        names.append(name)
+    return tuple(names)

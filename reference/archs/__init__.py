@@ -156,6 +156,12 @@ class ArchSpec:
                 "budget.flops.true",
                 f"model class {type(model).__name__} has no model.language_model.layers to read shapes from",
             )
+        if not all(hasattr(layer, "self_attn") for layer in layers):
+            raise RoutingError(
+                "budget.flops.linear",
+                f"model class {type(model).__name__} has linear-attention layers: read its shapes from its config "
+                "(ArchSpec.from_text_config, load_arch)",
+            )
         attn, mlp = layers[0].self_attn, layers[0].mlp
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         head_dim = int(attn.head_dim)
@@ -197,7 +203,10 @@ class ArchSpec:
         )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "layer_kinds": list(self.layer_kinds)}  # JSON-shaped (a list, as it reads back)
+        return {
+            **asdict(self),
+            "layer_kinds": list(self.layer_kinds),
+        }  # JSON-shaped (a list, as it reads back)
 
 
 def _qwen3_fields(cfg: Any, model_type: str | None) -> dict:
