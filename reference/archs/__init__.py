@@ -156,22 +156,22 @@ class ArchSpec:
                 "budget.flops.true",
                 f"model class {type(model).__name__} has no model.language_model.layers to read shapes from",
             )
-        if not all(hasattr(layer, "self_attn") for layer in layers):
+        softmax = next((layer for layer in layers if hasattr(layer, "self_attn")), None)
+        if softmax is None:
             raise RoutingError(
-                "budget.flops.linear",
-                f"model class {type(model).__name__} has linear-attention layers: read its shapes from its config "
-                "(ArchSpec.from_text_config, load_arch)",
+                "budget.flops.true", f"model class {type(model).__name__} has no softmax layer"
             )
-        attn, mlp = layers[0].self_attn, layers[0].mlp
+        attn, mlp = softmax.self_attn, softmax.mlp
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         head_dim = int(attn.head_dim)
+        gate = q.out_features == 2 * o.in_features  # [budget.flops.linear]: Qwen3.5's [query, gate] per head
         hidden = q.in_features
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         vocab = head.out_features if isinstance(head, nn.Linear) else text.embed_tokens.num_embeddings
         shapes_ok = (
             k.in_features == v.in_features == hidden
             and k.out_features == v.out_features
-            and o.in_features == q.out_features
+            and o.in_features * (2 if gate else 1) == q.out_features
             and o.out_features == hidden
             and mlp.up_proj.out_features == mlp.gate_proj.out_features == mlp.down_proj.in_features
             and mlp.down_proj.out_features == hidden
@@ -193,13 +193,14 @@ class ArchSpec:
             num_layers=len(layers),
             hidden_size=hidden,
             intermediate_size=mlp.gate_proj.out_features,
-            num_heads=q.out_features // head_dim,
+            num_heads=o.in_features // head_dim,
             num_kv_heads=k.out_features // head_dim,
             head_dim=head_dim,
             vocab_size=int(vocab),
             attention_bias=biases[0],
             mlp_bias=mlp_biases.pop(),
             o_proj_bias=o.bias is not None,
+            **_hybrid_modules(model, layers, gate),
         )
 
     def to_dict(self) -> dict:
@@ -207,6 +208,31 @@ class ArchSpec:
             **asdict(self),
             "layer_kinds": list(self.layer_kinds),
         }  # JSON-shaped (a list, as it reads back)
+
+
+def _hybrid_modules(model: nn.Module, layers: nn.ModuleList, gate: bool) -> dict:
+    """[budget.flops.linear] [hosts.deepstack] Layer kinds, Gated DeltaNet shapes and DeepStack levels, read from
+    the modules (empty for a decoder of softmax layers without DeepStack)."""
+    out: dict = {}
+    linear = [layer.linear_attn for layer in layers if hasattr(layer, "linear_attn")]
+    if linear or gate:
+        out["layer_kinds"] = tuple(
+            "linear" if hasattr(layer, "linear_attn") else "softmax" for layer in layers
+        )
+        out["query_gate"] = gate
+    if linear:
+        la = linear[0]
+        out.update(
+            linear_key_heads=int(la.num_k_heads),
+            linear_value_heads=int(la.num_v_heads),
+            linear_key_dim=int(la.head_k_dim),
+            linear_value_dim=int(la.head_v_dim),
+            linear_conv_kernel=int(la.conv_kernel_size),
+        )
+    levels = len(getattr(getattr(model.model, "visual", None), "deepstack_merger_list", None) or ())
+    if levels:
+        out["deepstack_levels"] = levels
+    return out
 
 
 def _qwen3_fields(cfg: Any, model_type: str | None) -> dict:
