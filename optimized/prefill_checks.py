@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from rerouting.reference import Host, RoutingConfig, RoutingError, host_for
-from rerouting.reference.host import check_host_config
+from rerouting.reference.hybrid import check_host_config
 from rerouting.reference.scoring import scoring_method
 
 from .packing import SUPPORTED_ATTENTION

@@ -33,8 +33,8 @@ from rerouting.reference import (
     capped_k,
 )
 from rerouting.reference.compat import call_layer
-from rerouting.reference.host import bind_ids, embed_inputs
-from rerouting.reference.hybrid import layer_visual
+from rerouting.reference.host import bind_ids
+from rerouting.reference.hybrid import embed_inputs, layer_visual
 from rerouting.reference.scoring import probe_size, query_rows, random_scores
 from rerouting.reference.selection import ForcedSelection, check_forced, forced_choice
 

@@ -270,14 +270,6 @@ class DecoderHost:
             query_gate=self.query_gate,
         )
 
-    def check_config(self, config: Any) -> None:
-        """[hosts.linear.decisions] [hosts.deepstack] Refuse a routing config this host cannot run as specified.
-
-        Every decision layer (and, for ``probe_layer="previous"``, the layer before it) must be a softmax
-        layer; with DeepStack levels the first decision layer must come after every injection.
-        """
-        check_host_config(self, config)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[routing.output] The host's final norm and head: ``[..., D] -> [..., V]``."""
         return self.lm_head(self.norm(hidden))
@@ -441,66 +433,3 @@ def scatter_features(
             f"{features.shape[0]} image features",
         )
     return embeds.masked_scatter(placeholders.unsqueeze(-1), features)
-
-
-def check_host_config(host: Host, config: Any) -> None:
-    """[hosts.linear.decisions] [hosts.deepstack] A routing config against a host's layer kinds and DeepStack levels.
-
-    A decision (or the ``previous`` probe layer) at a linear-attention layer is an error naming the layer and
-    its type; with ``L_ds`` DeepStack levels the first decision layer must be ``>= L_ds``.
-    """
-    types = tuple(getattr(host.config.get_text_config(), "layer_types", None) or ())
-    check_layer_config(host.layer_kinds, getattr(host, "deepstack_levels", 0), config, types)
-
-
-def check_layer_config(kinds: Sequence[str], levels: int, config: Any, types: Sequence[str] = ()) -> None:
-    """[hosts.linear.decisions] [hosts.deepstack] A routing config against layer kinds and DeepStack levels.
-
-    ``kinds[l]``: ``"softmax"`` or ``"linear"`` (a host's ``layer_kinds``, an ``ArchSpec``'s); ``types``: the
-    config's ``layer_types`` names, for the message.
-    """
-    probe_shift = 1 if config.scorer.kind == "attention" and config.scorer.probe_layer == "previous" else 0
-    for layer in config.schedule.layers:
-        for index, what in ((layer, "decision layer"), (layer - probe_shift, "probe layer")):
-            if 0 <= index < len(kinds) and kinds[index] != "softmax":
-                name = types[index] if index < len(types) else f"{kinds[index]}-attention"
-                softmax = [i for i, kind in enumerate(kinds) if kind == "softmax"]
-                raise RoutingError(
-                    "hosts.linear.decisions",
-                    f"{what} {index} is a {name} layer: decisions and probes need a softmax-attention layer "
-                    f"(this host's full_attention layers: {softmax})",
-                )
-    if levels and config.schedule.layers[0] < levels:
-        raise RoutingError(
-            "hosts.deepstack",
-            f"first decision layer {config.schedule.layers[0]} is inside the DeepStack injections (visual features "
-            f"are added after layers 0..{levels - 1}): the first decision layer must be >= {levels}",
-        )
-
-
-def embed_inputs(
-    host: Host,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    *,
-    image_grid_thw: torch.Tensor | None = None,
-    deepstack_features: Sequence[Sequence[torch.Tensor]] | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """[layout.visual-set] [hosts.deepstack] Merged input embeddings ``[B, T, D]`` and the host's DeepStack levels.
-
-    Level ``j`` (``[B, T, D]``, the vision tower's level-``j`` features in the placeholder slots, zero
-    elsewhere) is added to the visual rows right after decoder layer ``j``; ``()`` for a host without
-    DeepStack. ``deepstack_features``: per level the per-image features ``generate`` computed together with
-    ``image_features``.
-    """
-    grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
-    if getattr(host, "deepstack_levels", 0):
-        return host.embed_deepstack(
-            input_ids, pixel_values, image_features, deepstack_features=deepstack_features, **grid
-        )
-    if deepstack_features is not None:
-        raise RoutingError(
-            "hosts.deepstack", f"DeepStack features given to a host without DeepStack ({type(host).__name__})"
-        )
-    return host.embed(input_ids, pixel_values, image_features, **grid), ()

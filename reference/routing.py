@@ -27,11 +27,9 @@ from .host import (
     attention_implementation,
     bind_ids,
     causal_mask,
-    check_host_config,
-    embed_inputs,
     host_for,
 )
-from .hybrid import inject, layer_visual, run_linear_block
+from .hybrid import check_host_config, embed_inputs, inject, layer_visual, run_linear_block
 from .schedule import RoutingConfig, RoutingError
 from .scoring import DecisionContext, probe_size, query_rows, scoring_method
 from .selection import ForcedSelection, candidate_pool, capped_k, check_forced, forced_choice, select_topk

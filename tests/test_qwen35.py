@@ -16,9 +16,9 @@ from rerouting.conformance.oracle.tolerance import assert_close
 from rerouting.optimized import greedy_generate, route, routed_prefill
 from rerouting.reference import Qwen3_5Host, Reference, RoutingConfig, RoutingError, Schedule
 from rerouting.reference import greedy_generate as reference_greedy
-from rerouting.reference.host import RotaryIds, bind_ids, embed_inputs
+from rerouting.reference.host import RotaryIds, bind_ids
 from rerouting.reference.host_qwen3 import qwen3_release_refusal
-from rerouting.reference.hybrid import layer_visual, run_linear_block
+from rerouting.reference.hybrid import embed_inputs, layer_visual, run_linear_block
 from rerouting.reference.scoring import probe_probabilities
 from rerouting.reference.tiny_qwen import IMAGE_TOKEN_ID, TWO_SAMPLES, make_qwen_batch
 from rerouting.reference.tiny_qwen3 import PATCH_COLUMNS_16, tiny_qwen35
