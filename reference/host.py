@@ -134,7 +134,7 @@ class Host(Protocol):
 
     Positions here are ranks among a sample's valid tokens; ``rotary_embeddings`` and ``decode_positions``
     turn them into what the host's own rotary takes. ``layer_kinds[l]`` is ``"softmax"`` or ``"linear"``
-    attention; routing supports softmax layers only today.
+    attention (a hybrid host's linear layers follow spec/hosts.md).
     """
 
     model: nn.Module
