@@ -41,6 +41,10 @@ def _kv_from_sample_caches(caches: Sequence[Any]) -> list[list[LayerKV]]:
     for cache in caches:
         layers = []
         for layer, positions in enumerate(cache.positions):
+            if is_linear_layer(cache, layer):  # [hosts.linear.cache]: states, no K/V entries to compare
+                keys = values = torch.zeros(0, 0, 0)
+                layers.append(LayerKV(keys, values, torch.as_tensor(positions).cpu()))
+                continue
             keys, values = cache.layer_kv(layer)
             positions = torch.as_tensor(positions).cpu()
             grown = keys.shape[-2] - positions.numel()
@@ -49,6 +53,15 @@ def _kv_from_sample_caches(caches: Sequence[Any]) -> list[list[LayerKV]]:
             layers.append(LayerKV(keys, values, positions))
         out.append(layers)
     return out
+
+
+def is_linear_layer(cache: Any, layer: int) -> bool:
+    """Whether ``cache`` (a ``SampleCache``-like object) holds linear-attention states at ``layer``."""
+    from transformers import cache_utils
+
+    linear = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)  # absent before transformers 5.24
+    layers = getattr(getattr(cache, "cache", None), "layers", None)
+    return linear is not None and layers is not None and isinstance(layers[layer], linear)
 
 
 class ReferenceImpl:

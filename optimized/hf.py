@@ -174,6 +174,7 @@ class Router:
             logits_to_keep=arguments.get("logits_to_keep", 0),
             image_features=None if image is None else image.pooler_output,
             twig=self.twig,
+            deepstack_features=getattr(image, "deepstack_features", None),  # [hosts.deepstack]: Qwen3-VL
             **host_inputs,
         )
         rotary = None if result.cache is None else result.cache.rotary

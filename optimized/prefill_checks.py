@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from rerouting.reference import Host, RoutingConfig, RoutingError, host_for
+from rerouting.reference.hybrid import check_host_config
 from rerouting.reference.scoring import scoring_method
 
 from .packing import SUPPORTED_ATTENTION
@@ -47,5 +48,6 @@ def check_host(model: nn.Module, config: RoutingConfig) -> tuple[Host, str]:
     host = host_for(model)  # rejects unsupported model classes
     implementation = check_attention_implementation(host)
     config.schedule.check_layers(host.num_layers)
+    check_host_config(host, config)  # [hosts.linear.decisions] [hosts.deepstack]
     check_scorer(config.scorer.kind)
     return host, implementation

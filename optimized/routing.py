@@ -34,11 +34,13 @@ from rerouting.reference import (
 )
 from rerouting.reference.compat import call_layer
 from rerouting.reference.host import bind_ids
+from rerouting.reference.hybrid import embed_inputs, layer_visual
 from rerouting.reference.scoring import probe_size, query_rows, random_scores
 from rerouting.reference.selection import ForcedSelection, check_forced, forced_choice
 from rerouting.reference.twig import check_twig
 
 from .cache import RoutedCache
+from .hybrid import HybridLayers
 from .packing import (
     Packing,
     gather_rows,
@@ -95,7 +97,7 @@ class _Sample:
         return bool(self.visual)  # [layout.text-only]
 
 
-class _Prefill:
+class _Prefill(HybridLayers):
     """One routed prefill of one batch. State: the buffer, the current compact batch and its packing."""
 
     def __init__(self, host: Host, implementation: str, config: RoutingConfig, twig=None):
@@ -112,13 +114,17 @@ class _Prefill:
         use_cache: bool,
         logits_to_keep: int | torch.Tensor,
         host_inputs: dict[str, torch.Tensor],
+        deepstack_features=None,
     ) -> PrefillResult:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         grid = {k: v for k, v in host_inputs.items() if k == "image_grid_thw"}
-        embeds = self.host.embed(input_ids, pixel_values, image_features, **grid)  # [B, T, D]
+        embeds, levels = embed_inputs(
+            self.host, input_ids, pixel_values, image_features, deepstack_features=deepstack_features, **grid
+        )  # [B, T, D]; DeepStack levels [B, T, D] each ([hosts.deepstack])
         self._start_samples(input_ids, attention_mask, forced, host_inputs)
         cols = self._start_buffer(input_ids, attention_mask, embeds, use_cache)  # [B, Tv]
+        self.levels = tuple(gather_rows(level, cols) for level in levels)  # [B, Tv, D]: buffer rows
         decisions, active_visual = self._run_layers(forced)
         self._sync()
         hidden, logits = self._outputs(cols, attention_mask, logits_to_keep)
@@ -158,7 +164,7 @@ class _Prefill:
         rows = torch.arange(Tv, device=device)
         self.valid = rows[None, :] < lengths[:, None]  # [B, Tv]
         is_visual = (input_ids.gather(1, cols) == host.image_token_id) & self.valid  # [B, Tv]
-        self.is_text = self.valid & ~is_visual  # [B, Tv]
+        self.is_text, self.is_visual = self.valid & ~is_visual, is_visual  # [B, Tv] each
         N = max((len(s.visual) for s in self.samples), default=0)
         self.visual_rows = torch.full((B, N), -1, dtype=torch.long)  # [B, N]: position of visual index i
         for b, s in enumerate(self.samples):
@@ -169,7 +175,11 @@ class _Prefill:
         trash = embeds.new_zeros(B, 1, embeds.shape[-1])
         self.buffer = torch.cat([gather_rows(embeds, cols), trash], dim=1)  # [B, Tv + 1, D]
         self.dense = pack(self.valid)  # [schedule.dense-prefix]: every valid token active
-        self.cache = RoutedCache(host.num_layers, lengths, T, self.rotary_ids) if use_cache else None
+        self.cache = (
+            RoutedCache(host.num_layers, lengths, T, self.rotary_ids, kinds=host.layer_kinds)
+            if use_cache
+            else None
+        )
         if use_cache and self.twig is not None:  # [twig.ssd.rollback]: the twig's own cache group
             self.twig_cache = RoutedCache(
                 self.twig.first_layer + self.twig.num_layers, lengths, T, self.rotary_ids
@@ -201,9 +211,15 @@ class _Prefill:
                 previous and upcoming and not wipe
             ):  # [scoring.probe.variant-layer]; a k = 0 decision scores nothing
                 early = self._probe(layer)
+            kind = self.host.layer_kinds[index]
             for b, s in enumerate(self.samples):
-                active_visual[b].append(tuple(range(len(s.visual))) if s.selected is None else s.selected)
+                chosen = tuple(range(len(s.visual))) if s.selected is None else s.selected
+                active_visual[b].append(
+                    layer_visual(kind, config.policy, config.linear_attention, len(s.visual), chosen)
+                )
             self._run_layer(index, layer)
+            if index < len(self.levels):  # [hosts.deepstack]: the dense prefix (check_host)
+                self._inject(index)
         return decisions, active_visual
 
     # --- stage state ---------------------------------------------------------------------------------
@@ -222,6 +238,8 @@ class _Prefill:
 
     def _run_layer(self, index: int, layer: nn.Module) -> None:
         """[routing.active-set] [routing.bypass] The host's own layer on the compact batch; the buffer is not touched."""
+        if self.host.layer_kinds[index] == "linear":
+            return self._run_linear(index, layer)  # optimized/hybrid.py
         if self.cache is not None:
             self.cache.record(index, self.packing)
         self.x = call_layer(
@@ -390,6 +408,7 @@ def routed_prefill(
     image_grid_thw: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     twig=None,
+    deepstack_features=None,
 ) -> PrefillResult:
     """[layout.batch-independence] Routed prefill of a batch, every sample routed on its own.
 
@@ -410,6 +429,8 @@ def routed_prefill(
         position_ids: ``[3, B, T]`` an mRoPE host's position ids when the caller has them (``generate``);
             otherwise the host computes them ([layout.rotary-ids]).
         twig: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]); its cache group is ``twig_cache``.
+        deepstack_features: with ``image_features`` on a DeepStack host (Qwen3-VL), per level the per-image
+            features ``generate`` computed with them ([hosts.deepstack]).
     """
     host_inputs = {
         name: value
@@ -429,6 +450,7 @@ def routed_prefill(
                 use_cache,
                 logits_to_keep,
                 host_inputs,
+                deepstack_features,
             )
     except torch.OutOfMemoryError as error:  # [routing.errors]: a clear error, never an unrouted fallback
         raise RoutingError(

@@ -21,6 +21,7 @@ from .host import (
     register_host,
 )
 from .host_qwen import Qwen2_5_VLHost
+from .host_qwen3 import Qwen3_5Host, Qwen3VLHost
 from .routing import PrefillResult, Reference, SampleCache, run_block
 from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
@@ -39,6 +40,8 @@ __all__ = [
     "LlavaHost",
     "PrefillResult",
     "Qwen2_5_VLHost",
+    "Qwen3VLHost",
+    "Qwen3_5Host",
     "Reference",
     "RotaryIds",
     "RoutingConfig",

@@ -18,9 +18,18 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .compat import call_layer
+from .compat import call_layer, new_cache
 from .hooks import vision_reducer
-from .host import Host, RotaryIds, SampleLayout, attention_implementation, bind_ids, causal_mask, host_for
+from .host import (
+    Host,
+    RotaryIds,
+    SampleLayout,
+    attention_implementation,
+    bind_ids,
+    causal_mask,
+    host_for,
+)
+from .hybrid import check_host_config, embed_inputs, inject, layer_visual, run_linear_block
 from .schedule import RoutingConfig, RoutingError
 from .scoring import DecisionContext, probe_size, query_rows, scoring_method
 from .selection import ForcedSelection, candidate_pool, capped_k, check_forced, forced_choice, select_topk
@@ -151,6 +160,12 @@ class Reference:
         if twig is not None:  # converted like the model, and reading the (possibly copied) model's config
             twig = copy.deepcopy(twig).to(compute_dtype).bind(model)
         self.twig = twig
+        check_host_config(self.host, config)  # [hosts.linear.decisions] [hosts.deepstack]
+        if reducer != "identity" and getattr(self.host, "deepstack_levels", 0):
+            raise RoutingError(
+                "hosts.deepstack",
+                f"vision reducer {reducer!r} with a DeepStack host: its levels would not be reduced",
+            )
         self.scoring = scoring_method(config.scorer.kind)
         self.reducer = vision_reducer(reducer)
         self.model = model
@@ -180,7 +195,7 @@ class Reference:
             pixel_values = pixel_values.to(dtype)
         grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
         with torch.no_grad(), attention_implementation(self.model, self.attention):
-            embeds = host.embed(input_ids, pixel_values, **grid)  # [B, T, D]
+            embeds, levels = embed_inputs(host, input_ids, pixel_values, **grid)  # [B, T, D]; DeepStack
             layouts = host.layouts(input_ids, attention_mask, **grid)
             routed = [bool(layout.visual) for layout in layouts]
             check_forced(forced_selection, len(layouts), self.config.schedule.num_decisions, routed)
@@ -191,7 +206,8 @@ class Reference:
             caches, samples = [], []
             for b, layout in enumerate(layouts):
                 forced = None if forced_selection is None else forced_selection[b]
-                hidden, cache, sample = self._route_sample(embeds[b, layout.valid], layout, forced)
+                injected = tuple(level[b, layout.valid] for level in levels)  # [hosts.deepstack]
+                hidden, cache, sample = self._route_sample(embeds[b, layout.valid], layout, forced, injected)
                 hidden_out[b, layout.valid] = hidden
                 logits[b, layout.valid] = host.logits(hidden)
                 caches.append(cache)
@@ -200,9 +216,14 @@ class Reference:
         return PrefillResult(logits=logits, hidden=hidden_out, caches=caches, trace=trace)
 
     def _route_sample(
-        self, hidden: torch.Tensor, layout: SampleLayout, forced: Sequence[Sequence[int]] | None
+        self,
+        hidden: torch.Tensor,
+        layout: SampleLayout,
+        forced: Sequence[Sequence[int]] | None,
+        injected: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, SampleCache, SampleTrace]:
-        """Route one sample: ``hidden`` is ``[T_b, D]``, its merged input embeddings."""
+        """Route one sample: ``hidden`` is ``[T_b, D]``, its merged input embeddings; ``injected[j]`` ``[T_b, D]``
+        the DeepStack level added to the visual rows after layer ``j`` ([hosts.deepstack])."""
         config, schedule = self.config, self.config.schedule
         text, visual, N = layout.text, layout.visual, len(layout.visual)
         rotary = RotaryIds.from_layouts([layout])
@@ -210,7 +231,7 @@ class Reference:
             self.host, rotary
         )  # [layout.rotary-ids]: positions in, the sample's ids to the rotary
         generator = torch.Generator().manual_seed(config.scorer.seed)
-        cache, kv_positions = DynamicCache(), []
+        cache, kv_positions = new_cache(self.host.layer_kinds), []
         decisions: list[Decision] = []
         active_visual: list[tuple[int, ...]] = []
         selected: tuple[int, ...] | None = None
@@ -224,9 +245,16 @@ class Reference:
                 decisions.append(decision)
                 selected = decision.selected
             chosen = tuple(range(N)) if selected is None else selected  # [schedule.dense-prefix]
+            kind = self.host.layer_kinds[index]
+            chosen = layer_visual(kind, config.policy, config.linear_attention, N, chosen)
             active = sorted(text + tuple(visual[i] for i in chosen))
             previous_input = hidden
-            hidden = run_block(host, layer, hidden, active, cache)
+            if kind == "linear":  # [hosts.linear.semantics]
+                hidden = run_linear_block(layer, hidden, active, cache)
+            else:
+                hidden = run_block(host, layer, hidden, active, cache)
+            if index < len(injected):  # [hosts.deepstack]: inside the dense prefix (check_host_config)
+                hidden = inject(hidden, visual, injected[index])
             active_visual.append(chosen)
             kv_positions.append(torch.tensor(active))
         sample = SampleTrace(

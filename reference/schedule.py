@@ -15,6 +15,8 @@ import torch
 
 Policy = Literal["remove", "reroute"]
 POLICIES: tuple[str, ...] = ("remove", "reroute")
+#: What a deferred token does at a linear-attention layer ([hosts.linear.semantics]); the first is the default.
+LINEAR_SEMANTICS: tuple[str, ...] = ("dense", "bypass")
 
 
 class RoutingError(ValueError):
@@ -189,8 +191,14 @@ class RoutingConfig:
     policy: Policy = "reroute"
     scorer: Scorer = field(default_factory=Scorer)
     compute_dtype: torch.dtype = torch.float32
+    linear_attention: str = "dense"  # [hosts.linear.semantics]: only hybrid hosts have linear layers
 
     def __post_init__(self) -> None:
+        if self.linear_attention not in LINEAR_SEMANTICS:
+            raise RoutingError(
+                "hosts.linear.semantics",
+                f"linear_attention {self.linear_attention!r} is not one of {list(LINEAR_SEMANTICS)}",
+            )
         if self.policy not in POLICIES:
             raise RoutingError("selection.pool", f"policy {self.policy!r} is not one of {list(POLICIES)}")
         if self.compute_dtype not in _COMPUTE_DTYPES:

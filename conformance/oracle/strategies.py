@@ -103,7 +103,9 @@ class Layout:
         """``input_ids``, ``attention_mask``, (if any image) ``pixel_values`` and on Qwen ``image_grid_thw`` (CPU)."""
         if host.is_qwen:
             specs = [QwenSample(runs, g) for runs, g in zip(self.samples, self._grids())]
-            return make_qwen_batch(specs, padding=self.padding, seed=self.seed)
+            return make_qwen_batch(
+                specs, padding=self.padding, seed=self.seed, patch_columns=host.patch_columns
+            )
         specs = [SampleSpec(runs) for runs in self.samples]
         return make_batch(host.llava_config(), specs, padding=self.padding, seed=self.seed)
 
