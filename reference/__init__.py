@@ -17,6 +17,7 @@ from .host import (
     register_host,
 )
 from .host_qwen import Qwen2_5_VLHost
+from .nuwa import NuwaParams
 from .routing import PrefillResult, Reference, SampleCache, run_block
 from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
@@ -32,6 +33,7 @@ __all__ = [
     "Host",
     "ImageSpan",
     "LlavaHost",
+    "NuwaParams",
     "PrefillResult",
     "Qwen2_5_VLHost",
     "Reference",

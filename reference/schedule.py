@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -151,14 +151,28 @@ _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """A complete routing setup: schedule, policy, scorer, and the reference's compute dtype."""
+    """A complete routing setup: schedule, policy, scorer, and the reference's compute dtype.
+
+    ``reducer`` names the vision-side reducer run before the decoder ([layout.vision-reducer]) and
+    ``reducer_params`` is its own frozen parameter record (e.g. ``NuwaParams``, [nuwa.params]); the
+    ``identity`` reducer takes none. The name and the record's type are checked where the reducer is looked up.
+    """
 
     schedule: Schedule
     policy: Policy = "reroute"
     scorer: Scorer = field(default_factory=Scorer)
     compute_dtype: torch.dtype = torch.float32
+    reducer: str = "identity"
+    reducer_params: Any = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reducer, str):
+            raise RoutingError("layout.vision-reducer", f"reducer {self.reducer!r} is not a reducer name")
+        if self.reducer == "identity" and self.reducer_params is not None:
+            raise RoutingError(
+                "layout.vision-reducer",
+                f"reducer_params {self.reducer_params!r} given to the identity reducer, which takes none",
+            )
         if self.policy not in POLICIES:
             raise RoutingError("selection.pool", f"policy {self.policy!r} is not one of {list(POLICIES)}")
         if self.compute_dtype not in _COMPUTE_DTYPES:
