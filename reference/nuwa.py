@@ -126,8 +126,14 @@ def cls_attention(layer: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
     x = layer.layer_norm1(states)  # [P + 1, d_v]
     q = attn.q_proj(x[:1]).view(1, attn.num_heads, attn.head_dim).transpose(0, 1)  # [H, 1, hd]
     k = attn.k_proj(x).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)  # [H, P + 1, hd]
-    logits = (q @ k.transpose(1, 2))[:, 0] * attn.scale  # [H, P + 1]
+    score_dtype = score_dtype_of(states)
+    logits = (q.to(score_dtype) @ k.to(score_dtype).transpose(1, 2))[:, 0] * attn.scale  # [H, P + 1]
     return torch.softmax(logits, dim=-1)
+
+
+def score_dtype_of(states: torch.Tensor) -> torch.dtype:
+    """[nuwa.salience] Salience and the pillar quantile in float32 (float64 in a float64 run)."""
+    return torch.float64 if states.dtype == torch.float64 else torch.float32
 
 
 def salience(layer: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
@@ -170,8 +176,9 @@ def anchors(scores: Sequence[float], grid: tuple[int, int], top_n: int, count: i
 
 def pillar_mask(anchor_scores: torch.Tensor, quantile: float) -> list[bool]:
     """[nuwa.pillars] Per anchor: is its salience at least the ``quantile`` quantile of the anchors' (linear)."""
-    threshold = torch.quantile(anchor_scores, quantile)
-    return (anchor_scores >= threshold).tolist()
+    scores = anchor_scores.to(score_dtype_of(anchor_scores))
+    threshold = torch.quantile(scores, quantile)
+    return (scores >= threshold).tolist()
 
 
 # --- aggregation ---------------------------------------------------------------------------------
@@ -295,10 +302,14 @@ class NuwaReducer:
         return out, new_layouts
 
 
-def image_reductions(
+def check_outputs(
     host: Host, outputs: BaseModelOutputWithPooling | None, layouts: list[SampleLayout], params: NuwaParams
-) -> list[list[ImageReduction]]:
-    """[nuwa.images] Per sample, every image's stage 1 in order, each on its own grid, from the tower's outputs."""
+) -> tuple[tuple[torch.Tensor, ...], torch.nn.Module, int, torch.nn.Module]:
+    """[nuwa.images] The tower's hidden states, select layer, its hidden-state index and the projector, checked.
+
+    Every hidden state must be there (projected features alone are refused), ``feature_layers`` must exist, every
+    image span must have a grid of its token count, and the layouts' images must be the tower's.
+    """
     hidden = getattr(outputs, "hidden_states", None)
     if hidden is None or any(h is None for h in hidden):
         raise RoutingError(
@@ -306,30 +317,41 @@ def image_reductions(
             "the nuwa reducer needs every hidden state of the vision tower; projected image features alone "
             "are not enough (give pixel_values)",
         )
-    tower, _, select = _tower_parts(host)
+    tower, projector, select = _tower_parts(host)
     if params.feature_layers[1] >= len(hidden):
         raise RoutingError(
             "nuwa.params",
             f"feature_layers={params.feature_layers} but the vision tower has {len(hidden) - 1} layers",
         )
-    layer = tower.encoder.layers[select - 1]
-    reductions, image = [], 0
+    images = 0
     for layout in layouts:
         if layout.visual and not layout.images:
             raise RoutingError("nuwa.images", "a sample's visual tokens have no image spans")
-        per_sample = []
         for span in layout.images:
             if span.grid is None or span.grid[0] * span.grid[1] != span.stop - span.start:
                 raise RoutingError("nuwa.images", f"image span {span} has no grid the nuwa reducer can use")
+            images += 1
+    if images != hidden[0].shape[0]:
+        raise RoutingError(
+            "nuwa.images", f"{images} images in the layouts but {hidden[0].shape[0]} in the tower"
+        )
+    return tuple(hidden), tower.encoder.layers[select - 1], select, projector
+
+
+def image_reductions(
+    host: Host, outputs: BaseModelOutputWithPooling | None, layouts: list[SampleLayout], params: NuwaParams
+) -> list[list[ImageReduction]]:
+    """[nuwa.images] Per sample, every image's stage 1 in order, each on its own grid, from the tower's outputs."""
+    hidden, layer, select, _ = check_outputs(host, outputs, layouts, params)
+    reductions, image = [], 0
+    for layout in layouts:
+        per_sample = []
+        for span in layout.images:
             count = anchor_count(params, span.grid, len(layout.images))
             states = [h[image] for h in hidden]  # [P + 1, d_v] per hidden state
             per_sample.append(reduce_image(states, layer, select, span.grid, count, params))
             image += 1
         reductions.append(per_sample)
-    if image != hidden[0].shape[0]:
-        raise RoutingError(
-            "nuwa.images", f"{image} images in the layouts but {hidden[0].shape[0]} in the tower"
-        )
     return reductions
 
 

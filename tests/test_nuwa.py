@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from rerouting.conformance import audit
+from rerouting.conformance.audit.inputs import SCHEDULE_GROUPS
 from rerouting.reference import (
     NuwaParams,
     Reference,
@@ -305,3 +308,23 @@ def test_published_budgets_from_the_meta_device_trace():
     assert parts["similarity"] == 2 * 576 * 576 * 1024 and parts["total"] == sum(
         v for k, v in parts.items() if k != "total"
     )
+
+
+@pytest.mark.spec("nuwa.budget", "budget.flops.nuwa", "schedule.presets")
+def test_audit_cli_reports_both_presets_and_stage1_apart(tmp_path):
+    """``rerouting audit --schedule nuwa_avg64 --schedule ours_vs_nuwa_avg64``: 64 tokens, 0.6476 T, vision side apart."""
+    out = tmp_path / "out"
+    argv = ["--schedule", "nuwa_avg64", "--schedule", "ours_vs_nuwa_avg64", "-q", "--no-trace", "--no-plots"]
+    assert audit.main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    runs = {(s["name"], r["policy"]): r for s in report["schedules"] for r in s["runs"]}
+    for name in ("nuwa_avg64", "ours_vs_nuwa_avg64"):
+        for policy in ("remove", "reroute"):
+            run = runs[name, policy]
+            assert run["avg_visual_tokens"] == {"realized": 64.0, "nominal": 64.0}
+            assert round(run["flops"]["nuwa"] / 1e12, 4) == 0.6476
+            side = run["vision_side"]
+            assert (side["anchors"], side["collectors"], side["vision_width"]) == (112, 62, 1024)
+            assert side["flops"]["similarity"] == 2 * 576**2 * 1024
+    assert sum("Nüwa stage 1 runs on the vision side" in note for note in report["notes"]) == 2
+    assert {"nuwa_avg64", "ours_vs_nuwa_avg192"} <= set(SCHEDULE_GROUPS["all"])  # `--schedule all`
