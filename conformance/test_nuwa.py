@@ -51,6 +51,12 @@ def nuwa_params(draw) -> NuwaParams:
     )
 
 
+def needs_nuwa(impl) -> None:
+    """The implementation must take the ``nuwa`` reducer, or these properties are skipped, saying why."""
+    if not impl.supports_reducer("nuwa"):
+        pytest.skip(f"{impl.name} declares reducers {list(impl.impl.reducers)}, not 'nuwa' (spec/nuwa.md)")
+
+
 def draw_nuwa_case(data, layout=None, **options):
     host = hosts(max_grid=5).map(lambda h: replace(h, vision_layers=VISION_LAYERS))
     case = draw_case(
@@ -138,6 +144,7 @@ def check_stages(impl, case):
 )
 @given(data=st.data())
 def test_stages(impl, data):
+    needs_nuwa(impl)
     run_check(check_stages, impl, draw_nuwa_case(data))
 
 
@@ -161,6 +168,7 @@ def check_decode_after_gaps(impl, case, steps, token_seed):
 @pytest.mark.spec("nuwa.entering", "cache.decode.positions")
 @given(data=st.data())
 def test_decode_after_gaps(impl, data):
+    needs_nuwa(impl)
     case = draw_nuwa_case(data)
     steps = data.draw(st.integers(1, 2), label="steps")
     run_check(check_decode_after_gaps, impl, case, steps=steps, token_seed=data.draw(st.integers(0, 99)))
@@ -188,6 +196,7 @@ def check_keep_all(impl, case):
 @pytest.mark.spec("nuwa.equiv.keep-all")
 @given(data=st.data())
 def test_keep_all(impl, data):
+    needs_nuwa(impl)
     case = draw_nuwa_case(data)
     keep = NuwaParams(tokens=4 * 25 * 2, top_n=4, distance=0.0, feature_layers=(1, 1))
     run_check(check_keep_all, impl, replace(case, config=replace(case.config, reducer_params=keep)))
@@ -208,6 +217,7 @@ def check_one_decision(impl, case):
 @pytest.mark.spec("nuwa.equiv.one-decision")
 @given(data=st.data())
 def test_one_decision(impl, data):
+    needs_nuwa(impl)
     case = draw_nuwa_case(data, exact_decisions=1, policy="reroute")
     run_check(check_one_decision, impl, case)
 
@@ -218,6 +228,7 @@ PRESET_HOST = HostSpec(num_layers=32, vision_layers=24, grid=4, hidden_size=16, 
 @pytest.mark.spec("nuwa.stage2", "nuwa.reroute")
 @given(data=st.data())
 def test_presets(impl, data):
+    needs_nuwa(impl)
     name = data.draw(
         st.sampled_from(sorted(n for n in PRESETS if "nuwa" in n and n.endswith("avg64"))), label="preset"
     )
@@ -253,6 +264,7 @@ def check_budget(impl, case):
 @pytest.mark.spec("nuwa.budget")
 @given(data=st.data())
 def test_budget(impl, data):
+    needs_nuwa(impl)
     run_check(check_budget, impl, draw_nuwa_case(data, layout=layouts(min_images=1, max_images=1)))
 
 
@@ -278,4 +290,5 @@ def check_refusals(impl, case):
 @pytest.mark.spec("nuwa.params")
 @given(data=st.data())
 def test_refusals(impl, data):
+    needs_nuwa(impl)
     run_check(check_refusals, impl, draw_nuwa_case(data, layout=layouts(min_images=1, max_images=1)))

@@ -43,6 +43,8 @@ class NuwaParams:
     normalisation: Literal["code", "convex"] = "code"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.feature_layers, (tuple, list)):
+            raise RoutingError("nuwa.params", f"feature_layers={self.feature_layers!r} is not a pair (a, b)")
         object.__setattr__(self, "feature_layers", tuple(self.feature_layers))
 
         def integer(value: object) -> bool:
