@@ -97,8 +97,11 @@ def test_route_and_generate_under_the_preset_continue_after_the_gaps(preset_mode
     specs = [SampleSpec((5, 3)), SampleSpec((2, 2, 4))]
     inputs = make_batch(preset_model.config, specs, padding="left", seed=8)
     with route(preset_model, config) as router:
+        forward = preset_model(**inputs).logits  # the plain forward is routed too (stage 1 from the pixels)
         generated = preset_model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
         trace = router.last_trace
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(forward[valid], routed_prefill(preset_model, config, **inputs).logits[valid])
     assert [len(s.entering) for s in trace.samples] == [9, 18]  # min(112, 9 regions); 2 images x min(56, 9)
     reference = Reference(preset_model, config)
     tokens, result = greedy_generate(reference, **inputs, max_new_tokens=3)
