@@ -30,8 +30,9 @@ from rerouting.reference.nuwa import (
 )
 
 
-def cls_salience(layer: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """[nuwa.probe] [nuwa.salience] ``[I, P]``: the [CLS]-row probabilities summed over heads, from ``[I, P + 1, d_v]``."""
+def cls_salience(layer: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[nuwa.probe] [nuwa.salience] ``[I, P]`` twice: the [CLS]-row probabilities summed over heads, and the
+    patches' key norms, from ``[I, P + 1, d_v]``."""
     attn = layer.self_attn
     images, n, _ = states.shape
     x = layer.layer_norm1(states)  # [I, P + 1, d_v]
@@ -41,7 +42,8 @@ def cls_salience(layer: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
     logits = (
         torch.einsum("ihd,inhd->ihn", q[:, 0].to(score_dtype), k.to(score_dtype)) * attn.scale
     )  # [I, H, P + 1]
-    return torch.softmax(logits, dim=-1)[:, :, 1:].sum(dim=1)  # [I, P]
+    norms = k[:, 1:].reshape(images, n - 1, -1).to(score_dtype).norm(dim=-1)  # [I, P]
+    return torch.softmax(logits, dim=-1)[:, :, 1:].sum(dim=1), norms  # [I, P] each
 
 
 def _reduce_group(
@@ -55,7 +57,10 @@ def _reduce_group(
 ) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
     """[nuwa.anchors] [nuwa.pillars] [nuwa.collectors] Stage 1 of the ``images`` (one grid): features ``[I, P, d_v]``."""
     index = torch.tensor(images, device=hidden[0].device)
-    scores = cls_salience(layer, hidden[select - 1].index_select(0, index))  # [I, P]
+    scores, norms = cls_salience(layer, hidden[select - 1].index_select(0, index))  # [I, P] each
+    if params.salience == "cls-key-norm":
+        scores = scores * norms
+    by = scores if params.pillar_score == "salience" else norms
     x = hidden[select].index_select(0, index)[:, 1:]  # [I, P, d_v]
     chosen = [anchors(s, grid, params.top_n, c) for s, c in zip(scores.tolist(), counts)]
     n = max(len(a) for a in chosen)
@@ -66,7 +71,7 @@ def _reduce_group(
     )
     collector = torch.zeros(len(images), n, dtype=torch.bool, device=x.device)  # [I, n]
     for i, a in enumerate(chosen):
-        pillars = pillar_mask(scores[i, list(a)], params.pillar_quantile)
+        pillars = pillar_mask(by[i, list(a)], params.pillar_quantile)
         collector[i, : len(a)] = ~torch.tensor(pillars, device=x.device)
     a, b = params.feature_layers
     mean = torch.stack([h.index_select(0, index) for h in hidden[a : b + 1]]).mean(dim=0)[

@@ -28,6 +28,8 @@ from .host import Host, SampleLayout
 from .schedule import PRESETS, RoutingConfig, RoutingError, Schedule, Scorer
 
 NORMALISATIONS = ("code", "convex")
+SALIENCES = ("cls", "cls-key-norm")  # the code's, the paper's Eq. 3
+PILLAR_SCORES = ("salience", "key-norm")  # the code's, the paper's Eq. 4
 STAGE2_KEEP = {112: 16, 224: 32, 336: 48}  # the release's preserve_cfg
 
 
@@ -41,6 +43,8 @@ class NuwaParams:
     pillar_quantile: float = 0.55
     feature_layers: tuple[int, int] = (16, 24)
     normalisation: Literal["code", "convex"] = "code"
+    salience: Literal["cls", "cls-key-norm"] = "cls"
+    pillar_score: Literal["salience", "key-norm"] = "salience"
 
     def __post_init__(self) -> None:
         if not isinstance(self.feature_layers, (tuple, list)):
@@ -70,6 +74,10 @@ class NuwaParams:
             bad = f"feature_layers={self.feature_layers!r} is not a range (a, b) with 1 <= a <= b"
         elif self.normalisation not in NORMALISATIONS:
             bad = f"normalisation={self.normalisation!r} is not one of {list(NORMALISATIONS)}"
+        elif self.salience not in SALIENCES:
+            bad = f"salience={self.salience!r} is not one of {list(SALIENCES)}"
+        elif self.pillar_score not in PILLAR_SCORES:
+            bad = f"pillar_score={self.pillar_score!r} is not one of {list(PILLAR_SCORES)}"
         if bad:
             raise RoutingError("nuwa.params", bad)
 
@@ -138,9 +146,19 @@ def score_dtype_of(states: torch.Tensor) -> torch.dtype:
     return torch.float64 if states.dtype == torch.float64 else torch.float32
 
 
-def salience(layer: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """[nuwa.salience] ``[P]``: the select layer's [CLS]-row probability at each patch, summed over heads."""
-    return cls_attention(layer, states)[:, 1:].sum(dim=0)
+def salience(layer: torch.nn.Module, states: torch.Tensor, kind: str = "cls") -> torch.Tensor:
+    """[nuwa.salience] ``[P]``: the select layer's [CLS]-row probability at each patch, summed over heads.
+
+    ``kind="cls-key-norm"`` (the paper's Eq. 3) multiplies it by the patch's key norm (``key_norms``).
+    """
+    scores = cls_attention(layer, states)[:, 1:].sum(dim=0)
+    return scores * key_norms(layer, states) if kind == "cls-key-norm" else scores
+
+
+def key_norms(layer: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """[nuwa.salience] ``[P]``: the L2 norm of each patch's key (all heads) at the select layer, in the score dtype."""
+    keys = layer.self_attn.k_proj(layer.layer_norm1(states))[1:]  # [P, d_v]
+    return keys.to(score_dtype_of(states)).norm(dim=-1)
 
 
 # --- anchors (discrete bookkeeping; the optimized path imports these) ------------------------------
@@ -238,9 +256,11 @@ def reduce_image(
     params: NuwaParams,
 ) -> ImageReduction:
     """[nuwa.anchors] [nuwa.pillars] [nuwa.collectors] Stage 1 of one image from its hidden states ``[P + 1, d_v]``."""
-    scores = salience(select_layer, hidden_states[select - 1])  # [P]: the select layer's input
+    states = hidden_states[select - 1]  # [P + 1, d_v]: the select layer's input
+    scores = salience(select_layer, states, params.salience)  # [P]
     chosen = anchors(scores.tolist(), grid, params.top_n, count)
-    is_pillar = pillar_mask(scores[list(chosen)], params.pillar_quantile)
+    by = scores if params.pillar_score == "salience" else key_norms(select_layer, states)
+    is_pillar = pillar_mask(by[list(chosen)], params.pillar_quantile)
     x = hidden_states[select][1:]  # [P, d_v]: the features the host projects
     weights = similarity(hidden_states, params.feature_layers) * proximity(grid, params.distance, x.dtype)
     features = x.clone()

@@ -122,6 +122,9 @@ def test_parameters_are_validated_and_stage2_counts_follow_the_release():
         {"pillar_quantile": 1.5},
         {"feature_layers": (3, 2)},
         {"normalisation": "softmax"},
+        {"salience": "key-norm"},
+        {"pillar_score": "cls"},
+        {"feature_layers": 3},
     ):
         with pytest.raises(RoutingError, match=r"\[rule nuwa.params\]"):
             NuwaParams(**bad)
@@ -328,3 +331,31 @@ def test_audit_cli_reports_both_presets_and_stage1_apart(tmp_path):
             assert side["flops"]["similarity"] == 2 * 576**2 * 1024
     assert sum("Nüwa stage 1 runs on the vision side" in note for note in report["notes"]) == 2
     assert {"nuwa_avg64", "ours_vs_nuwa_avg192"} <= set(SCHEDULE_GROUPS["all"])  # `--schedule all`
+
+
+@pytest.mark.spec("nuwa.salience", "nuwa.pillars")
+def test_the_papers_key_norm_options(model, batch):
+    """salience="cls-key-norm" is the [CLS] row times ‖k‖ (Eq. 3); pillar_score="key-norm" splits by ‖k‖ (Eq. 4)."""
+    from rerouting.reference.nuwa import key_norms, reduce_image, salience
+
+    tower = model.model.vision_tower
+    select = model.config.vision_feature_layer % (len(tower.encoder.layers) + 1)
+    layer = tower.encoder.layers[select - 1]
+    with torch.no_grad():
+        hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+        states = hidden[select - 1][0]
+        keys = layer.self_attn.k_proj(layer.layer_norm1(states))[1:]
+        norms = key_norms(layer, states)
+        torch.testing.assert_close(norms, keys.norm(dim=-1))
+        torch.testing.assert_close(salience(layer, states, "cls-key-norm"), salience(layer, states) * norms)
+        paper = NuwaParams(
+            tokens=6,
+            feature_layers=(1, 3),
+            salience="cls-key-norm",
+            pillar_score="key-norm",
+            pillar_quantile=0.75,
+        )
+        r = reduce_image([h[0] for h in hidden], layer, select, (6, 6), 6, paper)
+    anchor_norms = norms[list(r.anchors)]
+    threshold = torch.quantile(anchor_norms, 0.75)
+    assert list(r.pillars) == (anchor_norms >= threshold).tolist() and sum(r.pillars) == 2

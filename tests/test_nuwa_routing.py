@@ -50,9 +50,16 @@ def nuwa(params: NuwaParams, schedule=None, policy="remove", scorer=None) -> Rou
 
 
 @pytest.mark.spec("nuwa.anchors", "nuwa.pillars", "nuwa.collectors", "nuwa.projection", "nuwa.images")
-@pytest.mark.parametrize("normalisation", ["code", "convex"])
-def test_batched_stage1_equals_the_reference(model, batch, normalisation):
-    params = NuwaParams(tokens=7, top_n=2, distance=5.0, feature_layers=(2, 4), normalisation=normalisation)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"normalisation": "code"},
+        {"normalisation": "convex"},
+        {"salience": "cls-key-norm", "pillar_score": "key-norm", "pillar_quantile": 0.75},  # the paper's
+    ],
+)
+def test_batched_stage1_equals_the_reference(model, batch, options):
+    params = NuwaParams(tokens=7, top_n=2, distance=5.0, feature_layers=(2, 4), **options)
     host = host_for(model)
     with torch.no_grad():
         outputs = encode_images(host, batch["pixel_values"])
