@@ -29,7 +29,7 @@ def check_attention_implementation(host: Host) -> str:
 
 # [scoring.scorer] The registry keys (reference/scoring.py SCORERS) this path has a fast implementation for: the
 # attention probe fused and batched over the query rows only (scoring.py), the random baseline drawn per sample.
-FAST_SCORERS = ("attention", "random")
+FAST_SCORERS = ("attention", "random", "twig")  # twig: optimized/scoring_twig.py
 
 
 def check_scorer(kind: str) -> None:

@@ -37,6 +37,7 @@ from rerouting.reference.hooks import VisionInputs, reducer_for
 from rerouting.reference.host import bind_ids
 from rerouting.reference.scoring import probe_size, query_rows, random_scores
 from rerouting.reference.selection import ForcedSelection, check_forced, forced_choice
+from rerouting.reference.twig import check_twig
 
 from .cache import RoutedCache
 from .nuwa import reduce_batch
@@ -51,6 +52,7 @@ from .packing import (
 )
 from .prefill_checks import FAST_SCORERS, check_attention_implementation, check_host, check_scorer  # noqa: F401
 from .scoring import probe_scores
+from .scoring_twig import twig_scores
 from .selection import select_topk
 
 
@@ -70,6 +72,7 @@ class PrefillResult:
     hidden: torch.Tensor
     cache: RoutedCache | None
     trace: Trace
+    twig_cache: RoutedCache | None = None  # [twig.ssd.rollback]: the twig's group (slots K..K+T-1), TTP only
 
     @property
     def caches(self) -> list[SampleCache]:
@@ -103,8 +106,9 @@ class _Sample:
 class _Prefill:
     """One routed prefill of one batch. State: the buffer, the current compact batch and its packing."""
 
-    def __init__(self, host: Host, implementation: str, config: RoutingConfig):
+    def __init__(self, host: Host, implementation: str, config: RoutingConfig, twig=None):
         self.host, self.implementation, self.config = host, implementation, config
+        self.twig, self.twig_cache = twig, None
 
     def run(
         self,
@@ -145,7 +149,9 @@ class _Prefill:
         self._sync()
         hidden, logits = self._outputs(cols, attention_mask, logits_to_keep)
         trace = self._trace(decisions, active_visual)
-        return PrefillResult(logits=logits, hidden=hidden, cache=self.cache, trace=trace)
+        return PrefillResult(
+            logits=logits, hidden=hidden, cache=self.cache, trace=trace, twig_cache=self.twig_cache
+        )
 
     # --- setup ---------------------------------------------------------------------------------------
     def _start_samples(self, layouts: list, input_ids: torch.Tensor, forced: ForcedSelection | None) -> None:
@@ -192,6 +198,10 @@ class _Prefill:
                 entered[b, [s.visual[i] for i in out]] = False
         self.dense = pack(entered)  # [schedule.dense-prefix]: every token in the decoder active
         self.cache = RoutedCache(host.num_layers, lengths, T, self.rotary_ids) if use_cache else None
+        if use_cache and self.twig is not None:  # [twig.ssd.rollback]: the twig's own cache group
+            self.twig_cache = RoutedCache(
+                self.twig.first_layer + self.twig.num_layers, lengths, T, self.rotary_ids
+            )
         first = (
             gather_rows(self.buffer, self.dense.index) if self.reduced else self.buffer[:, :Tv]
         )  # [B, n, D]
@@ -216,7 +226,11 @@ class _Prefill:
                     if decision is not None:
                         decisions[b].append(decision)
                 early = None
-            if previous and index + 1 in config.schedule.layers:  # [scoring.probe.variant-layer]
+            upcoming = index + 1 in config.schedule.layers
+            wipe = upcoming and config.schedule.keep[config.schedule.layers.index(index + 1)] == 0
+            if (
+                previous and upcoming and not wipe
+            ):  # [scoring.probe.variant-layer]; a k = 0 decision scores nothing
                 early = self._probe(layer)
             for b, s in enumerate(self.samples):
                 active_visual[b].append(s.entered if s.selected is None else s.selected)
@@ -311,7 +325,13 @@ class _Prefill:
         config, schedule = self.config, self.config.schedule
         layer_index = schedule.layers[stage]
         scores = None
-        if config.scorer.kind == "attention":
+        wipe = schedule.keep[stage] == 0  # [schedule.keep-zero]: no scorer runs
+        twig_here = config.scorer.kind == "twig" and layer_index == self.twig.first_layer
+        if wipe:
+            pass
+        elif twig_here:  # [twig.ttp.score]
+            scores = twig_scores(self).cpu()
+        elif config.scorer.kind in ("attention", "twig"):
             scores = early if early is not None else self._probe(self.host.layers[layer_index])
             scores = scores.cpu()  # [B, N] in the score dtype: float32, float64 in a float64 run
         decisions: list[Decision | None] = []
@@ -323,7 +343,10 @@ class _Prefill:
             N = len(s.visual)
             pool = candidate_pool(config.policy, N, s.selected, s.entering)
             k = capped_k(schedule.keep_count(stage, N), pool)
-            if scores is None:  # [scoring.scorer.random]: no probe runs
+            if wipe:  # [schedule.keep-zero]: N zeros, no probe
+                score_dtype = torch.float64 if self.host.dtype == torch.float64 else torch.float32
+                queries, sample_scores = (), torch.zeros(N, dtype=score_dtype)
+            elif scores is None:  # [scoring.scorer.random]: no probe runs
                 queries, sample_scores = (), random_scores(s.generator, N)
             else:
                 queries, sample_scores = (
@@ -404,6 +427,7 @@ def routed_prefill(
     image_grid_thw: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     vision_outputs=None,
+    twig=None,
 ) -> PrefillResult:
     """[layout.batch-independence] Routed prefill of a batch, every sample routed on its own.
 
@@ -425,6 +449,7 @@ def routed_prefill(
             otherwise the host computes them ([layout.rotary-ids]).
         vision_outputs: for a reducer that reads the vision tower (``nuwa``), its outputs with every hidden
             state when the caller has them (``generate``, through ``route``); otherwise computed from the pixels.
+        twig: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]); its cache group is ``twig_cache``.
     """
     host_inputs = {
         name: value
@@ -432,9 +457,10 @@ def routed_prefill(
         if value is not None
     }
     host, implementation = check_host(model, config)
+    check_twig(config, twig, host)  # [twig.ttp.score]
     try:
         with torch.no_grad():
-            return _Prefill(host, implementation, config).run(
+            return _Prefill(host, implementation, config, twig).run(
                 input_ids,
                 attention_mask,
                 pixel_values,

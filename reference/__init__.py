@@ -3,7 +3,11 @@
 Every function implementing a spec rule names the rule ID in the first line of its docstring.
 """
 
-from . import compat  # first: refuses an unsupported transformers before anything else touches it
+from . import (  # noqa: F401  (register the "twig" scorer and the "ssd" strategy)
+    compat,  # first: refuses an unsupported transformers before anything else touches it
+    scoring_twig,
+    ssd,
+)
 from .decode import decode_step, greedy_generate
 from .host import (
     HOSTS,
@@ -22,6 +26,7 @@ from .routing import PrefillResult, Reference, SampleCache, run_block
 from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
+from .twig import Twig
 
 __all__ = [
     "HOSTS",
@@ -46,6 +51,7 @@ __all__ = [
     "Schedule",
     "Scorer",
     "Trace",
+    "Twig",
     "candidate_pool",
     "capped_k",
     "compat",

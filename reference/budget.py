@@ -104,6 +104,9 @@ def schedule_trace(
             queries = len(query_rows(text, visual, config.scorer.query))
             if config.scorer.kind == "random":  # no probe runs: [budget.flops.probe] costs zero
                 keys = queries = 0
+            if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer
+                keys = queries = 0
+                scores = torch.zeros(num_visual, dtype=config.compute_dtype)
             decisions.append(Decision(layer, stage, pool, scores, k, selected, keys, queries))
         first = everything if entering is None or not num_visual else entering
         active.append(first if selected is None else selected)

@@ -4,7 +4,8 @@ A vision-side reducer ([layout.vision-reducer], spec/layout.md) changes what ent
 merged input embeddings and the layouts (and, for one that reads the vision tower, ``VisionInputs``) and returns
 both; ``identity`` and ``nuwa`` (reference/nuwa.py, spec/nuwa.md) are registered. A decoding strategy
 ([cache.decoding-strategy], spec/cache.md) turns the routed prefill's last logits and an unrouted decode step
-into generated tokens; ``greedy`` is the only one. Each is looked up by name in its registry.
+into generated tokens: ``greedy`` here, ``ssd`` (self-speculative decoding with a twig) in reference/ssd.py.
+Each is looked up by name in its registry.
 
 Notation: B batch, T padded length, D hidden, V vocabulary, n generated tokens.
 """

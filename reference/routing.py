@@ -25,6 +25,7 @@ from .schedule import RoutingConfig, RoutingError
 from .scoring import DecisionContext, probe_size, query_rows, scoring_method
 from .selection import ForcedSelection, candidate_pool, capped_k, check_forced, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
+from .twig import Twig, check_twig
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Reference:
             the masks are explicit either way, so only the rounding order differs.
         reducer: the vision-side reducer applied before the decoder ([layout.vision-reducer]); default (None):
             ``config.reducer``. A name other than the configuration's is an error.
+        twig: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]), converted like the model.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class Reference:
         score_dtype: torch.dtype | None = None,
         attention: str = "eager",
         reducer: str | None = None,
+        twig: Twig | None = None,
     ):
         compute_dtype = config.compute_dtype if compute_dtype is None else compute_dtype
         if not compute_dtype.is_floating_point:
@@ -144,6 +147,10 @@ class Reference:
             model = copy.deepcopy(model).to(compute_dtype)
             self.host = host_for(model)
         config.schedule.check_layers(self.host.num_layers)
+        check_twig(config, twig, self.host)  # [twig.ttp.score]
+        if twig is not None:  # converted like the model, and reading the (possibly copied) model's config
+            twig = copy.deepcopy(twig).to(compute_dtype).bind(model)
+        self.twig = twig
         self.scoring = scoring_method(config.scorer.kind)
         if reducer is not None and reducer != config.reducer:
             if config.reducer != "identity" or config.reducer_params is not None:
@@ -271,6 +278,17 @@ class Reference:
             if config.policy == "remove"
             else sorted(text + tuple(visual[i] for i in entered))
         )
+        if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer and selects nothing
+            return Decision(
+                layer=layer_index,
+                stage=stage,
+                pool=pool,
+                scores=torch.zeros(N, dtype=self.score_dtype),
+                k=0,
+                selected=(),
+                probe_keys=0,
+                probe_queries=0,
+            )
         queries = query_rows(text, visual, config.scorer.query) if self.scoring.probes else ()
         context = DecisionContext(
             host=host,
@@ -283,6 +301,7 @@ class Reference:
             generator=generator,
             score_dtype=self.score_dtype,
             scorer=config.scorer,
+            twig=self.twig,
         )
         scores = self.scoring(context)  # [scoring.scorer]: through the registry
         chosen = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -125,6 +125,7 @@ class DecisionContext:
         generator: the sample's seeded CPU generator ([scoring.scorer.random]).
         score_dtype: float32, or float64 in a float64 reference ([scoring.probe.softmax]).
         scorer: the scorer's configuration.
+        twig: the twig routed with, for ``kind="twig"`` ([twig.ttp.score]); None otherwise.
     """
 
     host: Host
@@ -137,6 +138,7 @@ class DecisionContext:
     generator: torch.Generator
     score_dtype: torch.dtype
     scorer: Scorer
+    twig: Any = None
 
 
 class ScoringMethod(Protocol):

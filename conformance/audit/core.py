@@ -45,6 +45,7 @@ from .models import ModelInfo, resolve_model
 from .nuwa import add_vision_side
 from .solver import default_solves, identical_schedule, solve
 from .trace import traced_run
+from .twig import twig_records
 
 # ---------------------------------------------------------------------------------------------
 # The audit, step by step
@@ -356,6 +357,7 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str], progress: Progress)
         "trace": trace,
         "notes": notes,
         "files": {},
+        "twig": twig_records(schedules, arch, setting),  # [twig.budget]
     }
 
 

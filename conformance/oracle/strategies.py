@@ -362,10 +362,12 @@ def draw_case(
 
 
 def presets(num_layers: int = 32) -> st.SearchStrategy[str]:
-    """Names of the presets whose decision layers fit ``num_layers`` (those without a vision-side reducer: the
-    Nüwa presets need a deep CLIP tower and are drawn by ``conformance/test_nuwa.py``)."""
+    """Names of the presets whose decision layers fit ``num_layers`` (twig presets need a twig:
+    conformance/test_twig.py draws them; Nüwa presets need a deep CLIP tower: conformance/test_nuwa.py)."""
     return st.sampled_from(
         sorted(
-            n for n, c in PRESETS.items() if max(c.schedule.layers) < num_layers and c.reducer == "identity"
+            n
+            for n, c in PRESETS.items()
+            if max(c.schedule.layers) < num_layers and c.scorer.kind != "twig" and c.reducer == "identity"
         )
     )

@@ -142,7 +142,14 @@ def _check_decision(
         "scoring.probe.head-mean",
         f"{where}: scores have shape {tuple(decision.scores.shape)}, expected one per visual token ({N},)",
     )
-    if config.scorer.kind == "attention":
+    if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer
+        check(
+            decision.probe_keys == decision.probe_queries == 0,
+            "schedule.keep-zero",
+            f"{where}: a k = 0 decision records a probe of {decision.probe_keys} keys, {decision.probe_queries} "
+            "query rows (no scorer runs)",
+        )
+    elif config.scorer.kind in ("attention", "twig"):
         entered = N if entering is None else len(entering)
         _check_probe(config, where, layout, pool, decision, len(layout.text) + entered)
     return chosen
