@@ -241,6 +241,12 @@ class Checked:
         hosts = getattr(self.impl, "hosts", None)
         return hosts is None or class_name in hosts
 
+    def supports_reducer(self, name: str) -> bool:
+        """Whether the implementation takes configurations with the vision-side reducer ``name``: its optional
+        ``reducers`` attribute (names) says; without one it is held to every reducer ([layout.vision-reducer])."""
+        reducers = getattr(self.impl, "reducers", None)
+        return reducers is None or name in reducers
+
     def prefill(
         self,
         model: nn.Module,

@@ -26,6 +26,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from rerouting.reference import Host, RoutingConfig, RoutingError, Trace, host_for
 from rerouting.reference.compat import forward_cache, make_output
+from rerouting.reference.hooks import reducer_for
 from rerouting.reference.twig import check_twig
 
 from .cache import RoutedCache
@@ -101,6 +102,7 @@ class Router:
                 return generate_ssd(self, model, args, kwargs)
             check_generate_options(model, kwargs)  # before generate builds caches or assistants
             add_token_types(host_for(model), args, kwargs)
+            encode_for_reducer(model, self.config, kwargs)
             return original_generate(*args, **kwargs)
 
         model.forward, model.generate = forward, generate
@@ -173,6 +175,7 @@ class Router:
             use_cache=use_cache,
             logits_to_keep=arguments.get("logits_to_keep", 0),
             image_features=None if image is None else image.pooler_output,
+            vision_outputs=image if self.config.reducer != "identity" else None,
             twig=self.twig,
             deepstack_features=getattr(image, "deepstack_features", None),  # [hosts.deepstack]: Qwen3-VL
             **host_inputs,
@@ -214,6 +217,25 @@ def add_token_types(host: Host, args: tuple, kwargs: dict[str, Any]) -> None:
     input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if isinstance(input_ids, torch.Tensor):
         kwargs["mm_token_type_ids"] = host.mm_token_type_ids(input_ids)
+
+
+def encode_for_reducer(model: nn.Module, config: RoutingConfig, kwargs: dict[str, Any]) -> None:
+    """[nuwa.probe] ``generate`` under a reducer that reads the vision tower: the tower runs once, here.
+
+    ``generate`` would encode the pixels itself and keep only the host's select layer, which is not enough for
+    the reducer; so the reducer's own ``encode`` (every hidden state, the host's projected features as
+    ``pooler_output``) is passed as ``mm_encoder_outputs``, which ``generate`` hands to the routed prefill.
+    """
+    encode = getattr(reducer_for(config), "encode", None)
+    pixels = kwargs.get("pixel_values")
+    if encode is None or pixels is None:
+        return
+    if (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None:
+        raise RoutingError("layout.visual-set", "give pixel_values or mm_encoder_outputs, not both")
+    with torch.no_grad():
+        outputs = encode(host_for(model), pixels)
+    kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": outputs}
+    del kwargs["pixel_values"]
 
 
 def split_position_ids(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from rerouting.reference import Host, RoutingConfig, RoutingError, host_for
+from rerouting.reference.hooks import reducer_for
 from rerouting.reference.hybrid import check_host_config
 from rerouting.reference.scoring import scoring_method
 
@@ -50,4 +51,20 @@ def check_host(model: nn.Module, config: RoutingConfig) -> tuple[Host, str]:
     config.schedule.check_layers(host.num_layers)
     check_host_config(host, config)  # [hosts.linear.decisions] [hosts.deepstack]
     check_scorer(config.scorer.kind)
+    check_reducer(config)
     return host, implementation
+
+
+# [layout.vision-reducer] The reducers this path has a fast implementation for (optimized/nuwa.py: batched).
+FAST_REDUCERS = ("identity", "nuwa")
+
+
+def check_reducer(config: RoutingConfig) -> None:
+    """[layout.vision-reducer] The reducer must be registered, its record valid, and fast here."""
+    reducer_for(config)  # unknown name or bad record: an error naming it
+    if config.reducer not in FAST_REDUCERS:
+        raise RoutingError(
+            "layout.vision-reducer",
+            f"reducer {config.reducer!r} has no fast implementation in the optimized path; "
+            f"fast: {', '.join(FAST_REDUCERS)} (use rerouting.reference.Reference)",
+        )

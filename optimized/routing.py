@@ -33,6 +33,7 @@ from rerouting.reference import (
     capped_k,
 )
 from rerouting.reference.compat import call_layer
+from rerouting.reference.hooks import VisionInputs, reducer_for
 from rerouting.reference.host import bind_ids
 from rerouting.reference.hybrid import embed_inputs, layer_visual
 from rerouting.reference.scoring import probe_size, query_rows, random_scores
@@ -41,6 +42,7 @@ from rerouting.reference.twig import check_twig
 
 from .cache import RoutedCache
 from .hybrid import HybridLayers
+from .nuwa import reduce_batch
 from .packing import (
     Packing,
     gather_rows,
@@ -91,6 +93,12 @@ class _Sample:
     length: int
     generator: torch.Generator
     selected: tuple[int, ...] | None = None
+    entering: tuple[int, ...] | None = None  # [nuwa.entering]: None, every visual token
+
+    @property
+    def entered(self) -> tuple[int, ...]:
+        """The visual indices in the decoder: the reducer's entering set, or all."""
+        return tuple(range(len(self.visual))) if self.entering is None else self.entering
 
     @property
     def routed(self) -> bool:
@@ -115,14 +123,38 @@ class _Prefill(HybridLayers):
         logits_to_keep: int | torch.Tensor,
         host_inputs: dict[str, torch.Tensor],
         deepstack_features=None,
+        vision_outputs=None,
     ) -> PrefillResult:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         grid = {k: v for k, v in host_inputs.items() if k == "image_grid_thw"}
-        embeds, levels = embed_inputs(
-            self.host, input_ids, pixel_values, image_features, deepstack_features=deepstack_features, **grid
-        )  # [B, T, D]; DeepStack levels [B, T, D] each ([hosts.deepstack])
-        self._start_samples(input_ids, attention_mask, forced, host_inputs)
+        reducer = reducer_for(self.config)  # [layout.vision-reducer]
+        encode = getattr(reducer, "encode", None)
+        levels: tuple = ()
+        if encode is None:
+            embeds, levels = embed_inputs(
+                self.host,
+                input_ids,
+                pixel_values,
+                image_features,
+                deepstack_features=deepstack_features,
+                **grid,
+            )  # [B, T, D]; DeepStack levels [B, T, D] each ([hosts.deepstack])
+        else:  # a reducer that reads the vision tower: its outputs, from generate or computed here
+            if vision_outputs is None and image_features is not None:
+                raise RoutingError(
+                    "nuwa.images",
+                    "the nuwa reducer needs the vision tower's hidden states, not projected features",
+                )
+            if vision_outputs is None:
+                vision_outputs = encode(self.host, pixel_values)
+            features = None if vision_outputs is None else vision_outputs.pooler_output
+            embeds = self.host.embed(input_ids, None, features, **grid)
+        layouts = self.host.layouts(input_ids, attention_mask, **host_inputs)
+        if encode is not None:
+            vision = VisionInputs(self.host, vision_outputs, self.config.reducer_params)
+            embeds, layouts = reduce_batch(embeds, layouts, vision)  # [nuwa.entering]
+        self._start_samples(layouts, input_ids, forced)
         cols = self._start_buffer(input_ids, attention_mask, embeds, use_cache)  # [B, Tv]
         self.levels = tuple(gather_rows(level, cols) for level in levels)  # [B, Tv, D]: buffer rows
         decisions, active_visual = self._run_layers(forced)
@@ -134,22 +166,18 @@ class _Prefill(HybridLayers):
         )
 
     # --- setup ---------------------------------------------------------------------------------------
-    def _start_samples(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        forced: ForcedSelection | None,
-        host_inputs: dict[str, torch.Tensor],
-    ) -> None:
+    def _start_samples(self, layouts: list, input_ids: torch.Tensor, forced: ForcedSelection | None) -> None:
         """[layout.rotary-ids] Every sample's layout and seeded generator; the batch's position-id table bound."""
-        layouts = self.host.layouts(input_ids, attention_mask, **host_inputs)
         self.rotary_ids = RotaryIds.from_layouts(layouts)  # None for 1-D RoPE
         self.host = bind_ids(self.host, self.rotary_ids)  # positions (ranks) in, ids only inside the rotary
         B = input_ids.shape[0]
         check_forced(forced, B, self.config.schedule.num_decisions, [bool(lay.visual) for lay in layouts])
         seed = self.config.scorer.seed
         self.samples = [
-            _Sample(lay.text, lay.visual, lay.length, torch.Generator().manual_seed(seed)) for lay in layouts
+            _Sample(
+                lay.text, lay.visual, lay.length, torch.Generator().manual_seed(seed), entering=lay.entering
+            )
+            for lay in layouts
         ]
 
     def _start_buffer(
@@ -174,7 +202,13 @@ class _Prefill(HybridLayers):
         # The buffer: every valid token at row = position, then the trash row Tv.
         trash = embeds.new_zeros(B, 1, embeds.shape[-1])
         self.buffer = torch.cat([gather_rows(embeds, cols), trash], dim=1)  # [B, Tv + 1, D]
-        self.dense = pack(self.valid)  # [schedule.dense-prefix]: every valid token active
+        entered = self.valid.clone()  # [nuwa.entering]: visual tokens a reducer kept out never enter
+        self.reduced = any(s.entering is not None for s in self.samples)
+        for b, s in enumerate(self.samples):
+            if s.entering is not None:
+                out = sorted(set(range(len(s.visual))) - set(s.entering))
+                entered[b, [s.visual[i] for i in out]] = False
+        self.dense = pack(entered)  # [schedule.dense-prefix]: every token in the decoder active
         self.cache = (
             RoutedCache(host.num_layers, lengths, T, self.rotary_ids, kinds=host.layer_kinds)
             if use_cache
@@ -184,7 +218,10 @@ class _Prefill(HybridLayers):
             self.twig_cache = RoutedCache(
                 self.twig.first_layer + self.twig.num_layers, lengths, T, self.rotary_ids
             )
-        self._enter(self.dense, self.buffer[:, :Tv], synced=True)
+        first = (
+            gather_rows(self.buffer, self.dense.index) if self.reduced else self.buffer[:, :Tv]
+        )  # [B, n, D]
+        self._enter(self.dense, first, synced=True)
         self.dense_rotary = self.rotary  # reused by every reroute probe (same positions 0..Tv-1)
         return cols
 
@@ -213,7 +250,7 @@ class _Prefill(HybridLayers):
                 early = self._probe(layer)
             kind = self.host.layer_kinds[index]
             for b, s in enumerate(self.samples):
-                chosen = tuple(range(len(s.visual))) if s.selected is None else s.selected
+                chosen = s.entered if s.selected is None else s.selected
                 active_visual[b].append(
                     layer_visual(kind, config.policy, config.linear_attention, len(s.visual), chosen)
                 )
@@ -269,7 +306,7 @@ class _Prefill(HybridLayers):
             query_pos[b, : len(r)] = torch.tensor(r)
             query_valid[b, : len(r)] = True
         query_pos, query_valid = query_pos.to(self.device), query_valid.to(self.device)
-        if policy == "reroute":
+        if policy == "reroute" and not self.reduced:
             self._sync()
             states, packing = self.buffer[:, : self.Tv], self.dense  # [B, Tv, D]
             return probe_scores(
@@ -283,7 +320,11 @@ class _Prefill(HybridLayers):
                 self.visual_rows,
                 self.dense_rotary,
             )
-        packing = self.packing
+        packing, x, rotary = self.packing, self.x, self.rotary
+        if policy == "reroute":  # after a reducer: every token in the decoder, deferred ones stale
+            self._sync()
+            packing, rotary = self.dense, self.dense_rotary
+            x = gather_rows(self.buffer, packing.index)  # [B, n, D]
         inv = inverse(packing.index, self.Tv + 1)  # [B, Tv + 1]: compact row of each position
         columns = inv.gather(1, self.visual_rows.clamp(min=0)).masked_fill(self.visual_rows < 0, -1)  # [B, N]
         # Text queries are always in the compact batch; padding entries may name a removed position, so
@@ -292,13 +333,13 @@ class _Prefill(HybridLayers):
         return probe_scores(
             self.host,
             layer,
-            self.x,
+            x,
             packing.index,
             packing.lengths,
             queries_rows,
             query_valid,
             columns,
-            self.rotary,  # the current compact batch's cos/sin: the probe sequence of remove
+            rotary,  # the probe sequence's cos/sin: the current compact batch of remove
         )
 
     def _decide(
@@ -324,7 +365,7 @@ class _Prefill(HybridLayers):
                 decisions.append(None)
                 continue
             N = len(s.visual)
-            pool = candidate_pool(config.policy, N, s.selected)
+            pool = candidate_pool(config.policy, N, s.selected, s.entering)
             k = capped_k(schedule.keep_count(stage, N), pool)
             if wipe:  # [schedule.keep-zero]: N zeros, no probe
                 score_dtype = torch.float64 if self.host.dtype == torch.float64 else torch.float32
@@ -342,8 +383,9 @@ class _Prefill(HybridLayers):
                 chosen = forced_choice(forced[b][stage], pool, k, layer_index)
             s.selected = chosen
             keep[b, [s.visual[i] for i in chosen]] = True
+            length = len(s.text) + len(s.entered)  # = T_b without a reducer
             probe_keys, probe_queries = probe_size(
-                config.policy, len(s.text), len(pool), s.length, len(queries)
+                config.policy, len(s.text), len(pool), length, len(queries)
             )
             decisions.append(
                 Decision(
@@ -388,6 +430,7 @@ class _Prefill(HybridLayers):
                 visual_positions=s.visual,
                 decisions=tuple(decisions[b]),
                 active_visual=tuple(active_visual[b]),
+                entering=s.entering,
             )
             for b, s in enumerate(self.samples)
         )
@@ -407,6 +450,7 @@ def routed_prefill(
     image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
     image_grid_thw: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    vision_outputs=None,
     twig=None,
     deepstack_features=None,
 ) -> PrefillResult:
@@ -428,6 +472,8 @@ def routed_prefill(
         image_grid_thw: ``[I, 3]`` the images' grids, for a host whose images have one (Qwen2.5-VL).
         position_ids: ``[3, B, T]`` an mRoPE host's position ids when the caller has them (``generate``);
             otherwise the host computes them ([layout.rotary-ids]).
+        vision_outputs: for a reducer that reads the vision tower (``nuwa``), its outputs with every hidden
+            state when the caller has them (``generate``, through ``route``); otherwise computed from the pixels.
         twig: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]); its cache group is ``twig_cache``.
         deepstack_features: with ``image_features`` on a DeepStack host (Qwen3-VL), per level the per-image
             features ``generate`` computed with them ([hosts.deepstack]).
@@ -451,6 +497,7 @@ def routed_prefill(
                 logits_to_keep,
                 host_inputs,
                 deepstack_features,
+                vision_outputs,
             )
     except torch.OutOfMemoryError as error:  # [routing.errors]: a clear error, never an unrouted fallback
         raise RoutingError(

@@ -22,6 +22,7 @@ from .host import (
 )
 from .host_qwen import Qwen2_5_VLHost
 from .host_qwen3 import Qwen3_5Host, Qwen3VLHost
+from .nuwa import NuwaParams
 from .routing import PrefillResult, Reference, SampleCache, run_block
 from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
@@ -38,6 +39,7 @@ __all__ = [
     "Host",
     "ImageSpan",
     "LlavaHost",
+    "NuwaParams",
     "PrefillResult",
     "Qwen2_5_VLHost",
     "Qwen3VLHost",

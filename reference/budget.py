@@ -27,6 +27,7 @@ from .flops import (
     probe_flops,
 )
 from .flops_linear import linear_layer_flops_true, linear_state_bytes
+from .hooks import reducer_for
 from .hybrid import layer_visual
 from .records import BatchBudget, LayerBudget, ProbeBudget, SampleBudget
 from .schedule import RoutingConfig, RoutingError
@@ -89,6 +90,7 @@ def schedule_trace(
     visual = tuple(range(visual_start, visual_start + num_visual))
     text = tuple(range(visual_start)) + tuple(range(visual_start + num_visual, num_text + num_visual))
     everything = tuple(range(num_visual))
+    entering = model_free_entering(config, num_visual)  # [nuwa.budget]: a reducer's count, None for identity
     if config is None:
         sample = SampleTrace(num_text, visual, (), (everything,) * num_layers)
         return Trace(policy="none", num_layers=num_layers, samples=(sample,))
@@ -102,12 +104,13 @@ def schedule_trace(
     for layer in range(num_layers):
         stage = schedule.stage_of(layer)
         if num_visual and stage is not None and schedule.layers[stage] == layer:
-            pool = candidate_pool(config.policy, num_visual, selected)
+            pool = candidate_pool(config.policy, num_visual, selected, entering)
             k = capped_k(schedule.keep_count(stage, num_visual), pool)
             scores = torch.zeros(num_visual, dtype=config.compute_dtype)
             scores[list(pool)] = placeholder[list(pool)]
             selected = select_topk(scores, pool, k)
-            keys = num_text + (len(pool) if config.policy == "remove" else num_visual)
+            entered = num_visual if entering is None else len(entering)
+            keys = num_text + (len(pool) if config.policy == "remove" else entered)
             queries = len(query_rows(text, visual, config.scorer.query))
             if config.scorer.kind == "random":  # no probe runs: [budget.flops.probe] costs zero
                 keys = queries = 0
@@ -115,11 +118,22 @@ def schedule_trace(
                 keys = queries = 0
                 scores = torch.zeros(num_visual, dtype=config.compute_dtype)
             decisions.append(Decision(layer, stage, pool, scores, k, selected, keys, queries))
-        chosen = everything if selected is None else selected
+        first = everything if entering is None or not num_visual else entering
+        chosen = first if selected is None else selected
         kind = layer_kinds[layer] if layer_kinds else "softmax"
         active.append(layer_visual(kind, config.policy, config.linear_attention, num_visual, chosen))
-    sample = SampleTrace(num_text, visual, tuple(decisions), tuple(active))
+    sample = SampleTrace(num_text, visual, tuple(decisions), tuple(active), entering if num_visual else None)
     return Trace(policy=config.policy, num_layers=num_layers, samples=(sample,))
+
+
+def model_free_entering(config: RoutingConfig | None, num_visual: int) -> tuple[int, ...] | None:
+    """[nuwa.budget] The visual indices a configuration's reducer lets in for one image of ``num_visual`` tokens.
+
+    None for the identity reducer (every token). Only the count is meaningful: it is what a real run gives.
+    """
+    if config is None or config.reducer == "identity" or not num_visual:
+        return None
+    return reducer_for(config).model_free_entering(config.reducer_params, num_visual)
 
 
 def nominal_visual_counts(
@@ -137,19 +151,21 @@ def nominal_visual_counts(
         return (float(num_visual),) * num_layers
     schedule = config.schedule
     schedule.check_layers(num_layers)
+    entering = model_free_entering(config, num_visual)  # [nuwa.budget]: the dense prefix runs n_V, not N
+    entered = float(num_visual if entering is None else len(entering))
     per_stage: list[float] = []
     for stage in range(schedule.num_decisions):
         schedule.keep_count(stage, num_visual)  # validates an absolute count against N
         value = schedule.nominal_keep(stage, num_visual)
         if config.policy == "remove" and per_stage:
             value = min(value, per_stage[-1])
-        per_stage.append(value)
+        per_stage.append(min(value, entered))
     counts = []
     for layer in range(num_layers):
         stage = schedule.stage_of(layer)
         kind = layer_kinds[layer] if layer_kinds else "softmax"
         dense = layer_visual(kind, config.policy, config.linear_attention, 1, ()) != ()
-        counts.append(float(num_visual) if stage is None or dense else per_stage[stage])
+        counts.append(float(num_visual) if dense else entered if stage is None else per_stage[stage])
     return tuple(counts)
 
 

@@ -1,7 +1,8 @@
 """Two hooks with one implementation each today: the vision-side reducer and the decoding strategy.
 
 A vision-side reducer ([layout.vision-reducer], spec/layout.md) changes what enters the decoder: it takes the
-merged input embeddings and the layouts and returns both; ``identity`` is the only one. A decoding strategy
+merged input embeddings and the layouts (and, for one that reads the vision tower, ``VisionInputs``) and returns
+both; ``identity`` and ``nuwa`` (reference/nuwa.py, spec/nuwa.md) are registered. A decoding strategy
 ([cache.decoding-strategy], spec/cache.md) turns the routed prefill's last logits and an unrouted decode step
 into generated tokens: ``greedy`` here, ``ssd`` (self-speculative decoding with a twig) in reference/ssd.py.
 Each is looked up by name in its registry.
@@ -12,19 +13,40 @@ Notation: B batch, T padded length, D hidden, V vocabulary, n generated tokens.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from .host import SampleLayout
-from .schedule import RoutingError
+from .host import Host, SampleLayout
+from .schedule import RoutingConfig, RoutingError
+
+
+@dataclass(frozen=True)
+class VisionInputs:
+    """What a reducer that reads the vision tower gets besides the merged embeddings.
+
+    Attributes:
+        host: the host whose vision tower and projector made the embeddings.
+        outputs: the vision tower's output for the batch's images (``hidden_states`` of every layer and the
+            host's projected features as ``pooler_output``), from the reducer's own ``encode``; None without images.
+        params: the configuration's ``reducer_params``.
+    """
+
+    host: Host
+    outputs: Any
+    params: Any
 
 
 class VisionReducer(Protocol):
-    """Merged embeddings ``[B, T, D]`` and layouts in, the embeddings and layouts the decoder runs on out."""
+    """Merged embeddings ``[B, T, D]`` and layouts in, the embeddings and layouts the decoder runs on out.
+
+    A reducer that reads the vision tower also has ``encode(host, pixel_values)`` (its ``VisionInputs.outputs``)
+    and ``check(params)`` (its parameter record); one without them takes no ``VisionInputs``.
+    """
 
     def __call__(
-        self, embeds: torch.Tensor, layouts: list[SampleLayout]
+        self, embeds: torch.Tensor, layouts: list[SampleLayout], vision: VisionInputs | None = None
     ) -> tuple[torch.Tensor, list[SampleLayout]]: ...
 
 
@@ -72,6 +94,15 @@ def vision_reducer(name: str) -> VisionReducer:
     return REDUCERS[name]
 
 
+def reducer_for(config: RoutingConfig) -> VisionReducer:
+    """[layout.vision-reducer] The configuration's reducer, its parameter record checked by the reducer itself."""
+    reducer = vision_reducer(config.reducer)
+    check = getattr(reducer, "check", None)
+    if check is not None:
+        check(config.reducer_params)
+    return reducer
+
+
 def decoding_strategy(name: str) -> DecodingStrategy:
     """[cache.decoding-strategy] The registered strategy ``name``; an unknown name is an error naming it."""
     if name not in STRATEGIES:
@@ -87,7 +118,7 @@ class IdentityReducer:
     """[layout.vision-reducer] The decoder runs on exactly what the host merged: both returned as they came."""
 
     def __call__(
-        self, embeds: torch.Tensor, layouts: list[SampleLayout]
+        self, embeds: torch.Tensor, layouts: list[SampleLayout], vision: VisionInputs | None = None
     ) -> tuple[torch.Tensor, list[SampleLayout]]:
         return embeds, layouts
 

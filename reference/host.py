@@ -48,6 +48,8 @@ class SampleLayout:
         rotary: ``[R, T_b]`` long, the position ids of the valid tokens by position ([layout.rotary-ids]);
             None for a 1-D RoPE host, whose position id is the position.
         delta: the rope delta ``δ_b`` (0 for 1-D RoPE): decoded position ``p >= T_b`` has id ``p + δ_b``.
+        entering: the visual indices a vision-side reducer lets into the decoder, ascending ([nuwa.entering]);
+            None: every visual token.
     """
 
     valid: torch.Tensor
@@ -56,6 +58,7 @@ class SampleLayout:
     images: tuple[ImageSpan, ...] = ()
     rotary: torch.Tensor | None = None
     delta: int = 0
+    entering: tuple[int, ...] | None = None
 
     @property
     def length(self) -> int:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from .compat import call_layer, new_cache
-from .hooks import vision_reducer
+from .hooks import VisionInputs, reducer_for
 from .host import (
     Host,
     RotaryIds,
@@ -124,8 +124,8 @@ class Reference:
             Default: float32 below float32, else ``compute_dtype``.
         attention: the host kernel the decoder layers run under, ``"eager"`` (default) or ``"sdpa"``;
             the masks are explicit either way, so only the rounding order differs.
-        reducer: the vision-side reducer applied before the decoder ([layout.vision-reducer]); only
-            ``"identity"`` exists.
+        reducer: the vision-side reducer applied before the decoder ([layout.vision-reducer]); default (None):
+            ``config.reducer``. A name other than the configuration's is an error.
         twig: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]), converted like the model.
     """
 
@@ -137,7 +137,7 @@ class Reference:
         compute_dtype: torch.dtype | None = None,
         score_dtype: torch.dtype | None = None,
         attention: str = "eager",
-        reducer: str = "identity",
+        reducer: str | None = None,
         twig: Twig | None = None,
     ):
         compute_dtype = config.compute_dtype if compute_dtype is None else compute_dtype
@@ -161,13 +161,20 @@ class Reference:
             twig = copy.deepcopy(twig).to(compute_dtype).bind(model)
         self.twig = twig
         check_host_config(self.host, config)  # [hosts.linear.decisions] [hosts.deepstack]
-        if reducer != "identity" and getattr(self.host, "deepstack_levels", 0):
+        self.scoring = scoring_method(config.scorer.kind)
+        if reducer is not None and reducer != config.reducer:
+            if config.reducer != "identity" or config.reducer_params is not None:
+                raise RoutingError(
+                    "layout.vision-reducer",
+                    f"reducer {reducer!r} given, but the configuration names {config.reducer!r}",
+                )
+            config = replace(config, reducer=reducer)
+        if config.reducer != "identity" and getattr(self.host, "deepstack_levels", 0):
             raise RoutingError(
                 "hosts.deepstack",
-                f"vision reducer {reducer!r} with a DeepStack host: its levels would not be reduced",
+                f"vision reducer {config.reducer!r} with a DeepStack host: its levels would not be reduced",
             )
-        self.scoring = scoring_method(config.scorer.kind)
-        self.reducer = vision_reducer(reducer)
+        self.reducer = reducer_for(config)
         self.model = model
         self.config = config
         self.compute_dtype, self.score_dtype, self.attention = compute_dtype, score_dtype, attention
@@ -195,11 +202,18 @@ class Reference:
             pixel_values = pixel_values.to(dtype)
         grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
         with torch.no_grad(), attention_implementation(self.model, self.attention):
-            embeds, levels = embed_inputs(host, input_ids, pixel_values, **grid)  # [B, T, D]; DeepStack
+            encode = getattr(self.reducer, "encode", None)  # a reducer that reads the vision tower
+            outputs = None if encode is None else encode(host, pixel_values)
+            levels: tuple = ()
+            if outputs is None:
+                embeds, levels = embed_inputs(host, input_ids, pixel_values, **grid)  # [B, T, D]; DeepStack
+            else:
+                embeds = host.embed(input_ids, None, outputs.pooler_output, **grid)
             layouts = host.layouts(input_ids, attention_mask, **grid)
             routed = [bool(layout.visual) for layout in layouts]
             check_forced(forced_selection, len(layouts), self.config.schedule.num_decisions, routed)
-            embeds, layouts = self.reducer(embeds, layouts)  # [layout.vision-reducer]
+            vision = None if encode is None else VisionInputs(host, outputs, self.config.reducer_params)
+            embeds, layouts = self.reducer(embeds, layouts, vision)  # [layout.vision-reducer]
             B, T = input_ids.shape
             logits = torch.zeros(B, T, host.lm_head.out_features, dtype=dtype)
             hidden_out = torch.zeros(B, T, embeds.shape[-1], dtype=dtype)
@@ -235,6 +249,7 @@ class Reference:
         decisions: list[Decision] = []
         active_visual: list[tuple[int, ...]] = []
         selected: tuple[int, ...] | None = None
+        entering = tuple(range(N)) if layout.entering is None else layout.entering  # [nuwa.entering]
         previous_input = hidden
         for index, layer in enumerate(host.layers):
             if N and index in schedule.layers:  # [layout.text-only]: no decision without visual tokens
@@ -244,7 +259,7 @@ class Reference:
                 )
                 decisions.append(decision)
                 selected = decision.selected
-            chosen = tuple(range(N)) if selected is None else selected  # [schedule.dense-prefix]
+            chosen = entering if selected is None else selected  # [schedule.dense-prefix]
             kind = self.host.layer_kinds[index]
             chosen = layer_visual(kind, config.policy, config.linear_attention, N, chosen)
             active = sorted(text + tuple(visual[i] for i in chosen))
@@ -262,6 +277,7 @@ class Reference:
             visual_positions=visual,
             decisions=tuple(decisions),
             active_visual=tuple(active_visual),
+            entering=layout.entering,
         )
         return hidden, SampleCache(cache, kv_positions, layout.length, rotary), sample
 
@@ -280,13 +296,16 @@ class Reference:
         config, schedule = self.config, self.config.schedule
         layer_index = schedule.layers[stage]
         text, visual, N = layout.text, layout.visual, len(layout.visual)
-        pool = candidate_pool(config.policy, N, selected)
+        pool = candidate_pool(config.policy, N, selected, layout.entering)
         k = capped_k(schedule.keep_count(stage, N), pool)
-        # The probe sequence: every valid token for reroute; removed tokens no longer exist for remove.
+        # The probe sequence: every token in the decoder for reroute (all valid ones unless a vision-side reducer
+        # left some out, [nuwa.entering]); removed tokens no longer exist for remove.
+        entered = range(N) if layout.entering is None else layout.entering
+        length = len(text) + len(entered)  # = T_b without a reducer
         keys = (
             sorted(text + tuple(visual[i] for i in pool))
             if config.policy == "remove"
-            else range(layout.length)
+            else sorted(text + tuple(visual[i] for i in entered))
         )
         if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer and selects nothing
             return Decision(
@@ -319,9 +338,7 @@ class Reference:
             if forced is None
             else forced_choice(forced[stage], pool, k, layer_index)
         )
-        probe_keys, probe_queries = probe_size(
-            config.policy, len(text), len(pool), layout.length, len(queries)
-        )
+        probe_keys, probe_queries = probe_size(config.policy, len(text), len(pool), length, len(queries))
         return Decision(
             layer=layer_index,
             stage=stage,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -185,19 +185,33 @@ _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """A complete routing setup: schedule, policy, scorer, and the reference's compute dtype."""
+    """A complete routing setup: schedule, policy, scorer, and the reference's compute dtype.
+
+    ``reducer`` names the vision-side reducer run before the decoder ([layout.vision-reducer]) and
+    ``reducer_params`` is its own frozen parameter record (e.g. ``NuwaParams``, [nuwa.params]); the
+    ``identity`` reducer takes none. The name and the record's type are checked where the reducer is looked up.
+    """
 
     schedule: Schedule
     policy: Policy = "reroute"
     scorer: Scorer = field(default_factory=Scorer)
     compute_dtype: torch.dtype = torch.float32
     linear_attention: str = "dense"  # [hosts.linear.semantics]: only hybrid hosts have linear layers
+    reducer: str = "identity"
+    reducer_params: Any = None
 
     def __post_init__(self) -> None:
         if self.linear_attention not in LINEAR_SEMANTICS:
             raise RoutingError(
                 "hosts.linear.semantics",
                 f"linear_attention {self.linear_attention!r} is not one of {list(LINEAR_SEMANTICS)}",
+            )
+        if not isinstance(self.reducer, str):
+            raise RoutingError("layout.vision-reducer", f"reducer {self.reducer!r} is not a reducer name")
+        if self.reducer == "identity" and self.reducer_params is not None:
+            raise RoutingError(
+                "layout.vision-reducer",
+                f"reducer_params {self.reducer_params!r} given to the identity reducer, which takes none",
             )
         if self.policy not in POLICIES:
             raise RoutingError("selection.pool", f"policy {self.policy!r} is not one of {list(POLICIES)}")

@@ -16,14 +16,21 @@ from .schedule import RoutingError
 ForcedSelection = Sequence[Sequence[Sequence[int]]]
 
 
-def candidate_pool(policy: str, num_visual: int, previous: Sequence[int] | None) -> tuple[int, ...]:
+def candidate_pool(
+    policy: str,
+    num_visual: int,
+    previous: Sequence[int] | None,
+    entering: Sequence[int] | None = None,
+) -> tuple[int, ...]:
     """[selection.pool] The visual indices eligible at a decision.
 
     ``reroute``: every visual token, at every decision. ``remove``: every visual token at the first
-    decision (``previous is None``), then exactly the tokens selected at the previous decision.
+    decision (``previous is None``), then exactly the tokens selected at the previous decision. "Every
+    visual token" is every one that entered the decoder: ``entering`` when a vision-side reducer left
+    some out ([nuwa.entering]), else all ``num_visual``.
     """
     if policy == "reroute" or previous is None:
-        return tuple(range(num_visual))
+        return tuple(range(num_visual)) if entering is None else tuple(entering)
     if policy == "remove":
         return tuple(previous)
     raise RoutingError("selection.pool", f"policy {policy!r} is not 'remove' or 'reroute'")

@@ -28,10 +28,12 @@ def tiny_llava_config(
     vocab_size: int = 96,
     image_size: int = 16,
     patch_size: int = 4,
+    vision_layers: int = 2,
 ) -> LlavaConfig:
     """A LLaVA config with a LLaMA decoder and a CLIP vision tower, small enough for CPU tests.
 
-    ``(image_size // patch_size) ** 2`` visual tokens per image.
+    ``(image_size // patch_size) ** 2`` visual tokens per image; ``vision_layers`` CLIP layers (24 for Nüwa's
+    default feature layers 16..24, spec/nuwa.md).
     """
     text = {
         "model_type": "llama",
@@ -53,7 +55,7 @@ def tiny_llava_config(
         "patch_size": patch_size,
         "hidden_size": 32,
         "intermediate_size": 37,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": vision_layers,
         "num_attention_heads": 4,
         "projection_dim": 32,
     }

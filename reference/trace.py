@@ -49,12 +49,14 @@ class SampleTrace:
         visual_positions: the positions of V, ascending ([layout.visual-set]).
         decisions: one per schedule decision; empty when the sample has no visual token.
         active_visual: per decoder layer, the visual indices that layer processed.
+        entering: the visual indices a vision-side reducer let into the decoder ([nuwa.entering]); None: all.
     """
 
     num_text: int
     visual_positions: tuple[int, ...]
     decisions: tuple[Decision, ...]
     active_visual: tuple[tuple[int, ...], ...]
+    entering: tuple[int, ...] | None = None
 
     @property
     def num_visual(self) -> int:

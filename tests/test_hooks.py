@@ -25,13 +25,13 @@ def test_identity_reducer_leaves_embeddings_and_layouts_bit_identical(llava, mix
     assert len(out_layouts) == len(layouts)
     for lay, (valid, visual, text, images) in zip(out_layouts, before[1]):
         assert torch.equal(lay.valid, valid) and (lay.visual, lay.text, lay.images) == (visual, text, images)
-    assert list(REDUCERS) == ["identity"]
+    assert list(REDUCERS) == ["identity", "nuwa"]
 
 
 @pytest.mark.spec("layout.vision-reducer")
 def test_unknown_reducer_is_an_error_naming_it(llava):
-    with pytest.raises(RoutingError, match=r"vision reducer 'nuwa' .*\[rule layout.vision-reducer\]"):
-        Reference(llava, CONFIG, reducer="nuwa")
+    with pytest.raises(RoutingError, match=r"vision reducer 'no-such' .*\[rule layout.vision-reducer\]"):
+        Reference(llava, CONFIG, reducer="no-such")
 
 
 @pytest.mark.spec("cache.decoding-strategy")

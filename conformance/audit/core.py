@@ -42,6 +42,7 @@ from .inputs import (
     resolve_schedules,
 )
 from .models import ModelInfo, resolve_model
+from .nuwa import add_vision_side
 from .solver import default_solves, identical_schedule, solve
 from .trace import traced_run
 from .twig import twig_records
@@ -325,6 +326,7 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str], progress: Progress)
         args, shape, arch, setting.num_visual, progress, model.model_type
     )
     dense, audited = audit_budgets(schedules, arch, setting, progress)
+    notes += add_vision_side(audited, schedules, setting.num_visual, model)  # [nuwa.budget]
     flags = label_flags(audited) + solver_flags(solves)
     notes += off_label_notes(flags, schedules, solves)
     trace = None if args.no_trace else trace_step(progress)

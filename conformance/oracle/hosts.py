@@ -97,6 +97,7 @@ class HostSpec:
     ties: str = "none"
     attention: str = "sdpa"
     family: str = "llava"
+    vision_layers: int = 2  # CLIP layers (a Nüwa case draws more: its feature layers, spec/nuwa.md)
 
     @property
     def is_qwen(self) -> bool:
@@ -142,6 +143,7 @@ class HostSpec:
             vocab_size=VOCAB,
             image_size=self.grid * PATCH,
             patch_size=PATCH,
+            vision_layers=self.vision_layers,
         )
         config.text_config.head_dim = self.head_dim  # independent of hidden_size / num_heads
         return config

@@ -364,9 +364,12 @@ def draw_case(
 
 
 def presets(num_layers: int = 32) -> st.SearchStrategy[str]:
-    """Names of the presets whose decision layers fit ``num_layers``."""
-    return st.sampled_from(  # twig presets need a twig: conformance/test_twig.py draws them
+    """Names of the presets whose decision layers fit ``num_layers`` (twig presets need a twig:
+    conformance/test_twig.py draws them; Nüwa presets need a deep CLIP tower: conformance/test_nuwa.py)."""
+    return st.sampled_from(
         sorted(
-            n for n, c in PRESETS.items() if max(c.schedule.layers) < num_layers and c.scorer.kind != "twig"
+            n
+            for n, c in PRESETS.items()
+            if max(c.schedule.layers) < num_layers and c.scorer.kind != "twig" and c.reducer == "identity"
         )
     )

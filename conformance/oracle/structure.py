@@ -71,15 +71,30 @@ def _check_sample(config: RoutingConfig, L: int, b: int, layout, sample, kinds=N
         "schedule.decision-layers",
         f"{where}: {len(sample.decisions)} decisions recorded, the schedule has {schedule.num_decisions}",
     )
+    # [nuwa.entering] the visual tokens a reducer let in (checked against the truth's by the reducer's checks)
+    entering = getattr(sample, "entering", None)
+    check(
+        entering is None or config.reducer != "identity",
+        "layout.vision-reducer",
+        f"{where}: the trace says only {entering} entered the decoder, but the reducer is identity",
+    )
     selected = None
     for s, decision in enumerate(sample.decisions):
         selected = _check_decision(
-            config, f"sample {b}, decision {s} (layer {schedule.layers[s]})", s, layout, decision, selected
+            config,
+            f"sample {b}, decision {s} (layer {schedule.layers[s]})",
+            s,
+            layout,
+            decision,
+            selected,
+            entering,
         )
-    _check_active_sets(schedule, L, b, N, sample, config, kinds)
+    _check_active_sets(schedule, L, b, N, sample, entering, config, kinds)
 
 
-def _check_decision(config: RoutingConfig, where: str, s: int, layout, decision, selected) -> tuple[int, ...]:
+def _check_decision(
+    config: RoutingConfig, where: str, s: int, layout, decision, selected, entering=None
+) -> tuple[int, ...]:
     """Decision ``s``: its layer, pool (from the previous selection), k, and the selection's shape; returns it."""
     schedule = config.schedule
     N = len(layout.visual)
@@ -94,7 +109,7 @@ def _check_decision(config: RoutingConfig, where: str, s: int, layout, decision,
             else ""
         ),
     )
-    pool = candidate_pool(config.policy, N, selected)
+    pool = candidate_pool(config.policy, N, selected, entering)
     check(
         tuple(decision.pool) == pool,
         "selection.pool",
@@ -137,14 +152,18 @@ def _check_decision(config: RoutingConfig, where: str, s: int, layout, decision,
             "query rows (no scorer runs)",
         )
     elif config.scorer.kind in ("attention", "twig"):
-        _check_probe(config, where, layout, pool, decision)
+        entered = N if entering is None else len(entering)
+        _check_probe(config, where, layout, pool, decision, len(layout.text) + entered)
     return chosen
 
 
-def _check_probe(config: RoutingConfig, where: str, layout, pool: tuple[int, ...], decision) -> None:
-    """The attention probe's size: its keys (every valid token, or text + pool) and its query rows."""
+def _check_probe(
+    config: RoutingConfig, where: str, layout, pool: tuple[int, ...], decision, length: int | None = None
+) -> None:
+    """The attention probe's size: its keys (every token in the decoder, or text + pool) and its query rows."""
     n_queries = len(query_rows(layout.text, layout.visual, config.scorer.query))
-    keys, queries = probe_size(config.policy, len(layout.text), len(pool), layout.length, n_queries)
+    length = layout.length if length is None else length
+    keys, queries = probe_size(config.policy, len(layout.text), len(pool), length, n_queries)
     check(
         decision.probe_keys == keys,
         "scoring.probe.input",
@@ -158,12 +177,15 @@ def _check_probe(config: RoutingConfig, where: str, layout, pool: tuple[int, ...
     )
 
 
-def _check_active_sets(schedule, L: int, b: int, N: int, sample, config=None, kinds=None) -> None:
-    """Every layer's active visual set: all N in the dense prefix, else the selection of its stage (at a
-    linear-attention layer, the set its semantics names, [hosts.linear.semantics])."""
+def _check_active_sets(
+    schedule, L: int, b: int, N: int, sample, entering=None, config=None, kinds=None
+) -> None:
+    """Every layer's active visual set: all N (or a reducer's entering set) in the dense prefix, else the selection
+    of its stage (at a linear-attention layer, the set its semantics names, [hosts.linear.semantics])."""
+    dense = tuple(range(N)) if entering is None else tuple(entering)
     for layer in range(L):
         stage = schedule.stage_of(layer)
-        expected = tuple(range(N)) if stage is None else tuple(sample.decisions[stage].selected)
+        expected = dense if stage is None else tuple(sample.decisions[stage].selected)
         if kinds is not None and kinds[layer] == "linear":
             expected = layer_visual("linear", config.policy, config.linear_attention, N, expected)
             if tuple(sample.active_visual[layer]) != expected:
