@@ -3,7 +3,10 @@
 Every function implementing a spec rule names the rule ID in the first line of its docstring.
 """
 
-from . import compat  # first: refuses an unsupported transformers before anything else touches it
+from . import (
+    compat,  # first: refuses an unsupported transformers before anything else touches it
+    scoring_clse,  # noqa: F401  registers the CLSE scorer ([clse.scorer])
+)
 from .decode import decode_step, greedy_generate
 from .host import (
     HOSTS,

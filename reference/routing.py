@@ -22,7 +22,7 @@ from .compat import call_layer
 from .hooks import vision_reducer
 from .host import Host, RotaryIds, SampleLayout, attention_implementation, bind_ids, causal_mask, host_for
 from .schedule import RoutingConfig, RoutingError
-from .scoring import DecisionContext, probe_size, query_rows, scoring_method
+from .scoring import DecisionContext, probe_size, query_rows, reference_layer, runs_probe, scoring_method
 from .selection import ForcedSelection, candidate_pool, capped_k, check_forced, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
 
@@ -208,7 +208,10 @@ class Reference:
         active_visual: list[tuple[int, ...]] = []
         selected: tuple[int, ...] | None = None
         previous_input = hidden
+        ref_layer, self._reference_states = reference_layer(config.scorer), None
         for index, layer in enumerate(host.layers):
+            if index == ref_layer:  # [clse.reference-layer]: the states entering it, every token fresh
+                self._reference_states = hidden
             if N and index in schedule.layers:  # [layout.text-only]: no decision without visual tokens
                 stage = schedule.layers.index(index)
                 decision = self._decide(
@@ -253,7 +256,8 @@ class Reference:
             if config.policy == "remove"
             else range(layout.length)
         )
-        queries = query_rows(text, visual, config.scorer.query) if self.scoring.probes else ()
+        probing = runs_probe(self.scoring, config.scorer)
+        queries = query_rows(text, visual, config.scorer.query) if probing else ()
         context = DecisionContext(
             host=host,
             layer=layer_index,
@@ -265,6 +269,9 @@ class Reference:
             generator=generator,
             score_dtype=self.score_dtype,
             scorer=config.scorer,
+            stage=stage,
+            reference_states=self._reference_states,
+            images=layout.images,
         )
         scores = self.scoring(context)  # [scoring.scorer]: through the registry
         chosen = (

@@ -117,6 +117,55 @@ class Schedule:
         return stage
 
 
+ClseVariant = Literal["clse_attn", "clse", "attn"]
+CLSE_VARIANTS: tuple[str, ...] = ("clse_attn", "clse", "attn")
+
+
+@dataclass(frozen=True)
+class ClseParams:
+    """[clse.params] The CLSE scorer's constants, defaults as in the released code (spec/clse.md).
+
+    Attributes:
+        cutoff: the Gaussian high-pass cutoff ratio, ``sigma = cutoff * min(H // 2, W // 2)`` ([clse.spectral]).
+        tau: the gate temperature ([clse.gate]).
+        eps: the epsilon of the evolution ratio and of the standardisation ([clse.evolution]).
+        reference_layer: the layer whose input is ``z_L`` ([clse.reference-layer]); 0 = the decoder input.
+        variant: ``clse_attn`` (gate x attention), ``clse`` (gate only) or ``attn`` ([clse.variants]).
+        spectral_stages: ``first`` or ``every`` decision uses the spectral term ([clse.stages]).
+    """
+
+    cutoff: float = 0.1
+    tau: float = 0.1
+    eps: float = 1e-6
+    reference_layer: int = 0
+    variant: ClseVariant = "clse_attn"
+    spectral_stages: Literal["first", "every"] = "first"
+
+    def __post_init__(self) -> None:
+        for name, value, low_open in (
+            ("cutoff", self.cutoff, 0.0),
+            ("tau", self.tau, 0.0),
+            ("eps", self.eps, 0.0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low_open:
+                raise RoutingError("clse.params", f"{name}={value!r} is not a number > 0")
+        if self.cutoff > 1:
+            raise RoutingError("clse.params", f"cutoff={self.cutoff!r} is outside (0, 1]")
+        layer = self.reference_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise RoutingError("clse.params", f"reference_layer={layer!r} is not an integer >= 0")
+        if self.variant not in CLSE_VARIANTS:
+            raise RoutingError("clse.params", f"variant={self.variant!r} is not one of {list(CLSE_VARIANTS)}")
+        if self.spectral_stages not in ("first", "every"):
+            raise RoutingError(
+                "clse.params", f"spectral_stages={self.spectral_stages!r} is not 'first' or 'every'"
+            )
+
+    def spectral_at(self, stage: int) -> bool:
+        """[clse.stages] Whether decision ``stage`` uses the spectral term (never for the ``attn`` variant)."""
+        return self.variant != "attn" and (self.spectral_stages == "every" or stage == 0)
+
+
 @dataclass(frozen=True)
 class Scorer:
     """[scoring.scorer] Which scorer ranks candidates at a decision.
@@ -127,14 +176,23 @@ class Scorer:
     ([scoring.scorer.random]).
     """
 
-    kind: Literal["attention", "random"] = "attention"
+    kind: Literal["attention", "random", "clse"] = "attention"
     probe_layer: Literal["decision", "previous"] = "decision"
     query: Literal["last", "text-after-image"] = "last"
     seed: int = 0
+    clse: ClseParams | None = None  # [clse.scorer]: the CLSE scorer's parameters, only with kind="clse"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("attention", "random"):
-            raise RoutingError("scoring.scorer", f"scorer kind {self.kind!r} is not 'attention' or 'random'")
+        if self.kind not in ("attention", "random", "clse"):
+            raise RoutingError(
+                "scoring.scorer", f"scorer kind {self.kind!r} is not 'attention', 'random' or 'clse'"
+            )
+        if self.kind == "clse" and self.clse is None:
+            object.__setattr__(self, "clse", ClseParams())
+        if self.kind != "clse" and self.clse is not None:
+            raise RoutingError("clse.scorer", f"clse parameters given to a scorer of kind {self.kind!r}")
+        if self.clse is not None and not isinstance(self.clse, ClseParams):
+            raise RoutingError("clse.params", f"clse={self.clse!r} is not a ClseParams")
         if self.probe_layer not in ("decision", "previous"):
             raise RoutingError(
                 "scoring.probe.variant-layer",
@@ -147,6 +205,27 @@ class Scorer:
 
 
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_clse(params: ClseParams, schedule: Schedule, policy: str) -> None:
+    """[clse.reference-layer] [clse.stages] [clse.variants] CLSE parameters that fit the schedule and policy."""
+    if params.reference_layer >= schedule.layers[0]:
+        raise RoutingError(
+            "clse.reference-layer",
+            f"reference_layer={params.reference_layer} is not before the first decision layer {schedule.layers[0]}",
+        )
+    several = schedule.num_decisions > 1
+    if params.spectral_stages == "every" and policy == "remove" and several:
+        raise RoutingError(
+            "clse.stages",
+            "spectral_stages='every' needs policy 'reroute': under 'remove' the grid is gone after the first decision",
+        )
+    if params.variant == "clse" and several and params.spectral_stages == "first":
+        raise RoutingError(
+            "clse.variants",
+            f"variant 'clse' has no score at decisions {list(schedule.layers[1:])} without the spectral term "
+            "(spectral_stages='first'); use 'clse_attn', one decision, or spectral_stages='every' under reroute",
+        )
 
 
 @dataclass(frozen=True)
@@ -170,6 +249,9 @@ class RoutingConfig:
                 "scoring.probe.variant-layer",
                 "probe_layer='previous' needs decision layers >= 1, got layer 0",
             )
+
+        if self.scorer.clse is not None:
+            check_clse(self.scorer.clse, self.schedule, self.policy)
 
     def with_policy(self, policy: Policy) -> RoutingConfig:
         return replace(self, policy=policy)
