@@ -27,8 +27,9 @@ def check_attention_implementation(host: Host) -> str:
 
 
 # [scoring.scorer] The registry keys (reference/scoring.py SCORERS) this path has a fast implementation for: the
-# attention probe fused and batched over the query rows only (scoring.py), the random baseline drawn per sample.
-FAST_SCORERS = ("attention", "random")
+# attention probe fused and batched over the query rows only (scoring.py), the random baseline drawn per sample,
+# the CLSE gate batched over the images of each grid shape (scoring_clse.py).
+FAST_SCORERS = ("attention", "random", "clse")
 
 
 def check_scorer(kind: str) -> None:

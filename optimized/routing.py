@@ -34,7 +34,14 @@ from rerouting.reference import (
 )
 from rerouting.reference.compat import call_layer
 from rerouting.reference.host import bind_ids
-from rerouting.reference.scoring import probe_size, query_rows, random_scores
+from rerouting.reference.scoring import (
+    probe_size,
+    query_rows,
+    random_scores,
+    reference_layer,
+    runs_probe,
+    scoring_method,
+)
 from rerouting.reference.selection import ForcedSelection, check_forced, forced_choice
 
 from .cache import RoutedCache
@@ -49,6 +56,7 @@ from .packing import (
 )
 from .prefill_checks import FAST_SCORERS, check_attention_implementation, check_host, check_scorer  # noqa: F401
 from .scoring import probe_scores
+from .scoring_clse import clse_gates_batched
 from .selection import select_topk
 
 
@@ -86,6 +94,7 @@ class _Sample:
     length: int
     generator: torch.Generator
     selected: tuple[int, ...] | None = None
+    images: tuple = ()  # ImageSpan per image, with its grid ([clse.grid])
 
     @property
     def routed(self) -> bool:
@@ -137,7 +146,8 @@ class _Prefill:
         check_forced(forced, B, self.config.schedule.num_decisions, [bool(lay.visual) for lay in layouts])
         seed = self.config.scorer.seed
         self.samples = [
-            _Sample(lay.text, lay.visual, lay.length, torch.Generator().manual_seed(seed)) for lay in layouts
+            _Sample(lay.text, lay.visual, lay.length, torch.Generator().manual_seed(seed), images=lay.images)
+            for lay in layouts
         ]
 
     def _start_buffer(
@@ -177,8 +187,13 @@ class _Prefill:
         active_visual: list[list[tuple[int, ...]]] = [[] for _ in self.samples]
         early: torch.Tensor | None = None  # probe_layer="previous": scores computed before layer d-1
         routed = any(s.routed for s in self.samples)
-        previous = routed and config.scorer.kind == "attention" and config.scorer.probe_layer == "previous"
+        previous = (
+            routed and config.scorer.kind in ("attention", "clse") and config.scorer.probe_layer == "previous"
+        )
+        ref_layer, self.reference_visual = reference_layer(config.scorer), None
         for index, layer in enumerate(self.host.layers):
+            if routed and index == ref_layer:  # [clse.reference-layer]: dense prefix, compact row = position
+                self.reference_visual = gather_rows(self.x, self.visual_rows.clamp(min=0))  # [B, N, D]
             if routed and index in config.schedule.layers:
                 stage = config.schedule.layers.index(index)
                 for b, decision in enumerate(self._decide(stage, early, forced)):
@@ -276,9 +291,12 @@ class _Prefill:
         config, schedule = self.config, self.config.schedule
         layer_index = schedule.layers[stage]
         scores = None
-        if config.scorer.kind == "attention":
+        probing = runs_probe(scoring_method(config.scorer.kind), config.scorer)
+        if config.scorer.kind in ("attention", "clse") and probing:
             scores = early if early is not None else self._probe(self.host.layers[layer_index])
             scores = scores.cpu()  # [B, N] in the score dtype: float32, float64 in a float64 run
+        if config.scorer.clse is not None and config.scorer.clse.spectral_at(stage):
+            scores = self._clse(scores)
         decisions: list[Decision | None] = []
         keep = self.is_text.clone()  # [B, Tv]: text is always active ([layout.text-set])
         for b, s in enumerate(self.samples):
@@ -291,10 +309,8 @@ class _Prefill:
             if scores is None:  # [scoring.scorer.random]: no probe runs
                 queries, sample_scores = (), random_scores(s.generator, N)
             else:
-                queries, sample_scores = (
-                    query_rows(s.text, s.visual, config.scorer.query),
-                    scores[b, :N].clone(),
-                )
+                queries = query_rows(s.text, s.visual, config.scorer.query) if probing else ()
+                sample_scores = scores[b, :N].clone()
             if forced is None:
                 chosen = select_topk(sample_scores, pool, k)
             else:
@@ -320,6 +336,19 @@ class _Prefill:
         packing = pack(keep)  # [routing.active-set]
         self._enter(packing, gather_rows(self.buffer, packing.index), synced=True)  # [B, n, D]
         return decisions
+
+    def _clse(self, attention: torch.Tensor | None) -> torch.Tensor:
+        """[clse.scorer] [clse.variants] The CLSE gates ``[B, N]`` times the attention (``clse``: the gates alone)."""
+        self._sync()  # the buffer holds every token's state entering the decision layer
+        decision = gather_rows(self.buffer, self.visual_rows.clamp(min=0))  # [B, N, D]
+        counts = [len(s.visual) if s.routed else 0 for s in self.samples]
+        images = [s.images for s in self.samples]
+        gates = clse_gates_batched(
+            self.reference_visual, decision, images, counts, self.config.scorer.clse
+        ).cpu()
+        if attention is None:
+            return gates.to(torch.float64 if decision.dtype == torch.float64 else torch.float32)
+        return gates.to(attention.dtype) * attention
 
     # --- outputs -------------------------------------------------------------------------------------
     def _outputs(
