@@ -25,10 +25,11 @@ from .flops import (
     layer_flops_true,
     lm_head_flops,
     probe_flops,
+    spectral_flops,
 )
 from .records import BatchBudget, LayerBudget, ProbeBudget, SampleBudget
 from .schedule import RoutingConfig, RoutingError
-from .scoring import query_rows
+from .scoring import query_rows, runs_probe, scoring_method
 from .selection import candidate_pool, capped_k, select_topk
 from .trace import Decision, SampleTrace, Trace
 
@@ -99,7 +100,9 @@ def schedule_trace(
             selected = select_topk(scores, pool, k)
             keys = num_text + (len(pool) if config.policy == "remove" else num_visual)
             queries = len(query_rows(text, visual, config.scorer.query))
-            if config.scorer.kind == "random":  # no probe runs: [budget.flops.probe] costs zero
+            if not runs_probe(
+                scoring_method(config.scorer.kind), config.scorer
+            ):  # random, CLSE's `clse`: no probe
                 keys = queries = 0
             decisions.append(Decision(layer, stage, pool, scores, k, selected, keys, queries))
         active.append(everything if selected is None else selected)
@@ -163,7 +166,7 @@ def budget_from_trace(
             "budget.active-counts",
             f"trace has {trace.num_layers} layers but architecture {arch.name!r} has {arch.num_layers}",
         )
-    no_probe = config is not None and config.scorer.kind == "random"
+    no_probe = config is not None and not runs_probe(scoring_method(config.scorer.kind), config.scorer)
     samples = tuple(
         _sample_budget(sample, trace.num_layers, arch, kv_dtype, config, no_probe) for sample in trace.samples
     )
@@ -191,7 +194,7 @@ def _sample_budget(
             f"sample records {len(sample.active_visual)} layers, trace says {num_layers}",
         )
     layers = _layer_budgets(sample, arch, kv_dtype)
-    probes = _probe_budgets(sample, arch, no_probe)
+    probes = _probe_budgets(sample, arch, no_probe, config)
     nominal = None
     if config is not None:
         nominal = avg_visual_tokens(nominal_visual_counts(config, sample.num_visual, num_layers))
@@ -231,15 +234,19 @@ def _layer_budgets(sample: SampleTrace, arch: ArchSpec, kv_dtype: torch.dtype) -
     return tuple(layers)
 
 
-def _probe_budgets(sample: SampleTrace, arch: ArchSpec, no_probe: bool) -> tuple[ProbeBudget, ...]:
-    """[budget.flops.probe] Per decision the probe from the recorded sizes; zero cost where no probe runs."""
-    return tuple(
-        ProbeBudget(
-            d.layer,
-            d.stage,
-            d.probe_keys,
-            d.probe_queries,
-            probe_flops(arch, 0, 0) if no_probe else probe_flops(arch, d.probe_keys, d.probe_queries),
-        )
-        for d in sample.decisions
-    )
+def _probe_budgets(
+    sample: SampleTrace, arch: ArchSpec, no_probe: bool, config: RoutingConfig | None = None
+) -> tuple[ProbeBudget, ...]:
+    """[budget.flops.probe] [clse.flops] Per decision the probe from the recorded sizes; zero cost where no probe runs.
+
+    A CLSE decision that uses the spectral term adds its FLOPs as the component ``spectral`` (one image of N
+    tokens: the trace records no images).
+    """
+    clse = None if config is None else config.scorer.clse
+    probes = []
+    for d in sample.decisions:
+        flops = probe_flops(arch, 0, 0) if no_probe else probe_flops(arch, d.probe_keys, d.probe_queries)
+        if clse is not None and clse.spectral_at(d.stage):
+            flops["spectral"] = spectral_flops(arch, [sample.num_visual])
+        probes.append(ProbeBudget(d.layer, d.stage, d.probe_keys, d.probe_queries, flops))
+    return tuple(probes)

@@ -310,6 +310,48 @@ def _build_presets() -> dict[str, RoutingConfig]:
     presets["fastv_K2_R50"] = RoutingConfig(
         Schedule((2,), (0.5,)), policy="remove", scorer=Scorer(probe_layer="previous")
     )
+    presets.update(_clse_presets())
+    return presets
+
+
+# [clse.presets] CLSE's released schedules (zjubinchen/CLSE, research/twig-clse.md §2.3): LLaVA-1.5 keep counts
+# at layers [1, 11, 21] by RETAIN_TOKEN, Qwen2-VL keep ratios of N at [1, 10, 19] by RETAIN_RATIO. Attention
+# from layer K-1 (probe_layer="previous"), the gate at the first decision only.
+CLSE_LLAVA_LAYERS = (1, 11, 21)
+CLSE_LLAVA_COUNTS = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
+CLSE_QWEN2VL_LAYERS = (1, 10, 19)
+CLSE_QWEN2VL_RATIOS = {
+    0.334: (0.57, 0.36, 0.098),
+    0.223: (0.38, 0.24, 0.066),
+    0.112: (0.19, 0.12, 0.034),
+}
+_CLSE_QWEN2VL_TIERS = {192: 0.334, 128: 0.223, 64: 0.112}
+
+
+def clse_llava_counts(retain: int) -> tuple[int, int, int]:
+    """[clse.presets] The keep counts of ``RETAIN_TOKEN=retain``: the code's table, else ``int(1.72R, 1.09R, 0.32R)``."""
+    if retain in CLSE_LLAVA_COUNTS:
+        return CLSE_LLAVA_COUNTS[retain]
+    return tuple(int(f * retain) for f in (1.72, 1.09, 0.32))  # PriorTR's cast; the code leaves floats
+
+
+def clse_qwen2vl_ratios(retain: float) -> tuple[float, float, float]:
+    """[clse.presets] The keep ratios of ``RETAIN_RATIO=retain``: the code's table, else ``retain·(1.71, 1.08, 0.294)``."""
+    if retain in CLSE_QWEN2VL_RATIOS:
+        return CLSE_QWEN2VL_RATIOS[retain]
+    return tuple(retain * f for f in (1.71, 1.08, 0.294))
+
+
+def _clse_presets() -> dict[str, RoutingConfig]:
+    scorer = Scorer(kind="clse", probe_layer="previous")
+    presets: dict[str, RoutingConfig] = {}
+    for tier in (192, 128, 64):
+        llava = Schedule(CLSE_LLAVA_LAYERS, clse_llava_counts(tier), unit="count")
+        presets[f"clse_avg{tier}"] = RoutingConfig(llava, policy="remove", scorer=scorer)
+        presets[f"ours_vs_clse_avg{tier}"] = RoutingConfig(llava, policy="reroute", scorer=scorer)
+        qwen = Schedule(CLSE_QWEN2VL_LAYERS, clse_qwen2vl_ratios(_CLSE_QWEN2VL_TIERS[tier]))
+        presets[f"qwen2vl_clse_avg{tier}"] = RoutingConfig(qwen, policy="remove", scorer=scorer)
+        presets[f"qwen2vl_ours_vs_clse_avg{tier}"] = RoutingConfig(qwen, policy="reroute", scorer=scorer)
     return presets
 
 
