@@ -80,14 +80,21 @@ class ReferenceImpl:
         *,
         forced_selection: ForcedSelection | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        generated_from: int | None = None,
         **yardstick: Any,
     ) -> PrefillOutput:
-        """``yardstick``: ``Reference``'s yardstick switches (compute_dtype, score_dtype, attention), for the oracle."""
+        """``yardstick``: ``Reference``'s yardstick switches (compute_dtype, score_dtype, attention), for the oracle.
+
+        ``generated_from``: the oracle's recompute of decoding under the retroactive cache policy
+        ([cache.policy.retroactive]); only ever passed with it.
+        """
         if not yardstick and next(model.parameters()).dtype == torch.float64:
             yardstick = {"compute_dtype": torch.float64}  # a float64 model runs (and scores) in float64
         reference = Reference(self._cpu(model), config, **yardstick)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         grid = {} if image_grid_thw is None else {"image_grid_thw": cpu(image_grid_thw)}
+        if generated_from is not None:
+            grid["generated_from"] = generated_from
         result = reference.prefill(
             cpu(input_ids), cpu(attention_mask), cpu(pixel_values), forced_selection=forced_selection, **grid
         )

@@ -125,6 +125,8 @@ class _Prefill:
         self._start_samples(input_ids, attention_mask, forced, host_inputs)
         cols = self._start_buffer(input_ids, attention_mask, embeds, use_cache)  # [B, Tv]
         decisions, active_visual = self._run_layers(forced)
+        if self.cache is not None and self.config.cache == "retroactive":
+            self.cache.retroactive_cut(self._retained())  # [cache.policy.retroactive]
         self._sync()
         hidden, logits = self._outputs(cols, attention_mask, logits_to_keep)
         trace = self._trace(decisions, active_visual)
@@ -349,6 +351,15 @@ class _Prefill:
         if attention is None:
             return gates.to(torch.float64 if decision.dtype == torch.float64 else torch.float32)
         return gates.to(attention.dtype) * attention
+
+    def _retained(self) -> torch.Tensor:
+        """[cache.policy.retroactive] ``[B, Tv + 1]`` bool: text and the final selection; all valid tokens if unrouted."""
+        keep = torch.zeros(len(self.samples), self.Tv + 1, dtype=torch.bool, device=self.device)
+        keep[:, : self.Tv] = self.is_text
+        for b, s in enumerate(self.samples):
+            chosen = range(len(s.visual)) if s.selected is None else s.selected
+            keep[b, [s.visual[i] for i in chosen]] = True
+        return keep
 
     # --- outputs -------------------------------------------------------------------------------------
     def _outputs(

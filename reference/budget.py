@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .archs import ArchSpec
+from .cache_policy import retroactive_lengths
 from .flops import (
     avg_visual_tokens,
     kv_decode_growth,
@@ -193,7 +194,7 @@ def _sample_budget(
             "budget.active-counts",
             f"sample records {len(sample.active_visual)} layers, trace says {num_layers}",
         )
-    layers = _layer_budgets(sample, arch, kv_dtype)
+    layers = _layer_budgets(sample, arch, kv_dtype, None if config is None else config.cache)
     probes = _probe_budgets(sample, arch, no_probe, config)
     nominal = None
     if config is not None:
@@ -209,14 +210,22 @@ def _sample_budget(
     )
 
 
-def _layer_budgets(sample: SampleTrace, arch: ArchSpec, kv_dtype: torch.dtype) -> tuple[LayerBudget, ...]:
+def _layer_budgets(
+    sample: SampleTrace, arch: ArchSpec, kv_dtype: torch.dtype, cache_policy: str | None = None
+) -> tuple[LayerBudget, ...]:
     """[budget.flops.true] [budget.flops.fastv] [budget.flops.pdrop] [budget.flops.nuwa] [budget.kv.entries] [budget.kv.bytes] Per layer.
 
     Layer l runs visual_l visual tokens (the trace's ``active_visual``) and n_l = M + visual_l in all; the four
-    FLOP conventions over n_l (true, FastV) or visual_l (PDrop, NUWA), the cache entries and their bytes.
+    FLOP conventions over n_l (true, FastV) or visual_l (PDrop, NUWA), the cache entries and their bytes: the
+    trace's ``kv_lengths``, or under the ``retroactive`` cache policy M + |A_{S-1} ∩ active_l|
+    ([cache.policy.retroactive]).
     """
+    kv_lengths = sample.kv_lengths
+    if cache_policy == "retroactive":
+        final = sample.decisions[-1].selected if sample.decisions else None
+        kv_lengths = retroactive_lengths(sample.num_text, sample.active_visual, final)
     layers = []
-    for index, (visual, entries) in enumerate(zip(sample.layer_visual_counts, sample.kv_lengths)):
+    for index, (visual, entries) in enumerate(zip(sample.layer_visual_counts, kv_lengths)):
         tokens = sample.num_text + visual
         layers.append(
             LayerBudget(

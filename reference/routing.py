@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .cache_policy import check_recompute, generated_mask, retained, retroactive_cut
 from .compat import call_layer
 from .hooks import vision_reducer
 from .host import Host, RotaryIds, SampleLayout, attention_implementation, bind_ids, causal_mask, host_for
@@ -67,22 +68,35 @@ class PrefillResult:
 
 
 def run_block(
-    host: Host, layer: nn.Module, hidden: torch.Tensor, active: Sequence[int], cache: DynamicCache
+    host: Host,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    active: Sequence[int],
+    cache: DynamicCache,
+    generated: tuple[int, frozenset[int]] | None = None,
 ) -> torch.Tensor:
     """[routing.active-set] [routing.active.causal] [routing.active.positions] [routing.bypass] One layer.
 
     Gathers the active rows of ``hidden`` (``[T_b, D]``), runs the host's layer on them with an explicit
     causal mask over the active set at their original positions, writes their K/V to ``cache``, and
     returns a new ``[T_b, D]`` tensor in which every other row is bit-identical to the input.
+    ``generated`` ``(T, hidden)``: rows at positions ``>= T`` are generated tokens that see no key in ``hidden``
+    (the recompute of [cache.policy.retroactive]).
     """
     idx = torch.tensor(active)
     x = hidden[idx][None]  # [1, n, D]
     positions = idx[None]  # [1, n]: the position of a valid token is its index
     cos, sin = host.rotary_embeddings(x, positions)
+    mask = causal_mask(idx, idx, x.dtype)
+    if generated is not None:
+        mask = torch.maximum(
+            mask + generated_mask(idx, idx, generated[0], generated[1], x.dtype),
+            mask.new_tensor(torch.finfo(x.dtype).min),
+        )
     out = call_layer(
         layer,
         x,
-        attention_mask=causal_mask(idx, idx, x.dtype),
+        attention_mask=mask,
         position_ids=positions,
         position_embeddings=(cos, sin),
         cache=cache,
@@ -163,11 +177,16 @@ class Reference:
         *,
         forced_selection: ForcedSelection | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        generated_from: int | None = None,
     ) -> PrefillResult:
         """Routed prefill of a batch, one sample at a time ([layout.batch-independence]).
 
         ``image_grid_thw``: the images' grids, for a host whose images have one (Qwen2.5-VL).
+        ``generated_from``: the recompute of decoding under ``cache="retroactive"`` ([cache.policy.retroactive]):
+        positions from here on are generated tokens, which see no visual token outside the forced final selection.
         """
+        check_recompute(generated_from, self.config.cache, forced_selection)
+        self._generated_from = generated_from
         host, dtype = self.host, self.compute_dtype
         if pixel_values is not None:
             pixel_values = pixel_values.to(dtype)
@@ -209,6 +228,12 @@ class Reference:
         selected: tuple[int, ...] | None = None
         previous_input = hidden
         ref_layer, self._reference_states = reference_layer(config.scorer), None
+        generated = None
+        if (
+            self._generated_from is not None and N
+        ):  # [cache.policy.retroactive]: the recompute's generated tokens
+            final = set(forced[-1])
+            generated = (self._generated_from, frozenset(v for i, v in enumerate(visual) if i not in final))
         for index, layer in enumerate(host.layers):
             if index == ref_layer:  # [clse.reference-layer]: the states entering it, every token fresh
                 self._reference_states = hidden
@@ -222,9 +247,12 @@ class Reference:
             chosen = tuple(range(N)) if selected is None else selected  # [schedule.dense-prefix]
             active = sorted(text + tuple(visual[i] for i in chosen))
             previous_input = hidden
-            hidden = run_block(host, layer, hidden, active, cache)
+            hidden = run_block(host, layer, hidden, active, cache, generated)
             active_visual.append(chosen)
             kv_positions.append(torch.tensor(active))
+        keep = retained(text, visual, selected) if config.cache == "retroactive" else None
+        if keep is not None:  # [cache.policy.retroactive]: every layer cut to text + the final selection
+            cache, kv_positions = retroactive_cut(cache, kv_positions, keep)
         sample = SampleTrace(
             num_text=len(text),
             visual_positions=visual,

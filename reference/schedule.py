@@ -205,6 +205,8 @@ class Scorer:
 
 
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
+CachePolicy = Literal["per-layer", "retroactive"]
+CACHE_POLICIES: tuple[str, ...] = ("per-layer", "retroactive")  # [cache.policy]
 
 
 def check_clse(params: ClseParams, schedule: Schedule, policy: str) -> None:
@@ -236,8 +238,13 @@ class RoutingConfig:
     policy: Policy = "reroute"
     scorer: Scorer = field(default_factory=Scorer)
     compute_dtype: torch.dtype = torch.float32
+    cache: CachePolicy = "per-layer"  # [cache.policy]
 
     def __post_init__(self) -> None:
+        if self.cache not in CACHE_POLICIES:
+            raise RoutingError(
+                "cache.policy", f"cache policy {self.cache!r} is not one of {list(CACHE_POLICIES)}"
+            )
         if self.policy not in POLICIES:
             raise RoutingError("selection.pool", f"policy {self.policy!r} is not one of {list(POLICIES)}")
         if self.compute_dtype not in _COMPUTE_DTYPES:
