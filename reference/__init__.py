@@ -20,6 +20,7 @@ from .host import (
     register_host,
 )
 from .host_qwen import Qwen2_5_VLHost
+from .host_qwen2 import Qwen2VLHost
 from .routing import PrefillResult, Reference, SampleCache, run_block
 from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
@@ -36,6 +37,7 @@ __all__ = [
     "ImageSpan",
     "LlavaHost",
     "PrefillResult",
+    "Qwen2VLHost",
     "Qwen2_5_VLHost",
     "Reference",
     "RotaryIds",
