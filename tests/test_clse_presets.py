@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rerouting.conformance import audit
-from rerouting.reference.archs import load_arch
+from rerouting.reference.archs import ArchSpec, load_arch
 from rerouting.reference.budget import budget_from_trace, nominal_visual_counts, schedule_trace
 from rerouting.reference.flops import avg_visual_tokens, spectral_flops
 from rerouting.reference.schedule import PRESETS, Schedule, clse_llava_counts, clse_qwen2vl_ratios
@@ -96,3 +96,31 @@ def test_audit_flags_clse_avg64_off_label(tmp_path):
         assert round(run["avg_visual_tokens"]["realized"], 2) == 81.12
         assert run["label_check"]["flagged"]
         assert run["decisions"][0]["probe_flops_by_component"]["spectral"] > 0
+
+
+@pytest.mark.spec("clse.presets", "budget.flops.true")
+def test_qwen2vl_7b_arch_and_audit(tmp_path):
+    config, arch = load_arch("qwen2-vl-7b")
+    assert type(config).__name__ == "Qwen2VLConfig" and config.vision_config.embed_dim == 1280
+    assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.attention_bias) == (
+        28,
+        3584,
+        28,
+        4,
+        True,
+    )
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    assert ArchSpec.from_model(model, name="qwen2-vl-7b") == arch  # the real module shapes
+    out = tmp_path / "q"
+    argv = ["--model", "qwen2-vl-7b", "--schedule", "qwen2vl_clse_avg64", "--policy", "both"]
+    assert audit.main([*argv, "-q", "--no-trace", "--no-plots", "--out", str(out)]) == 0
+    (entry,) = json.loads((out / "report.json").read_text())["schedules"]
+    for run in entry["runs"]:
+        assert run["avg_visual_tokens"]["nominal"] == pytest.approx(
+            576 * (1 + 9 * (0.19 + 0.12 + 0.034)) / 28
+        )
+        assert run["label_check"]["flagged"]

@@ -184,7 +184,11 @@ def arch_names() -> tuple[str, ...]:
 def _config_class(model_type: str) -> type:
     import transformers
 
-    classes = {"llava": transformers.LlavaConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig}
+    classes = {
+        "llava": transformers.LlavaConfig,
+        "qwen2_5_vl": transformers.Qwen2_5_VLConfig,
+        "qwen2_vl": transformers.Qwen2VLConfig,
+    }
     if model_type not in classes:
         raise RoutingError(
             "budget.flops.true", f"embedded config model_type {model_type!r} is not one of {sorted(classes)}"
