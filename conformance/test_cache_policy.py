@@ -62,8 +62,5 @@ def check_retroactive(impl, case, steps, token_seed):
 @given(data=st.data())
 def test_retroactive(impl, data):
     case = retroactive(draw_case(data))
-    steps, seed = (
-        data.draw(st.integers(1, 2), label="steps"),
-        data.draw(st.integers(0, 2**16), label="token_seed"),
-    )
-    run_check(check_retroactive, impl, case, steps=steps, token_seed=seed)
+    seed = data.draw(st.integers(0, 2**16), label="token_seed")
+    run_check(check_retroactive, impl, case, steps=1, token_seed=seed)  # one step: the cut is what is new

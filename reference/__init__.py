@@ -22,7 +22,7 @@ from .host import (
 from .host_qwen import Qwen2_5_VLHost
 from .host_qwen2 import Qwen2VLHost
 from .routing import PrefillResult, Reference, SampleCache, run_block
-from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
+from .schedule import POLICIES, PRESETS, ClseParams, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
 
@@ -31,6 +31,7 @@ __all__ = [
     "POLICIES",
     "PRESETS",
     "AttentionParts",
+    "ClseParams",
     "Decision",
     "ForcedSelection",
     "Host",

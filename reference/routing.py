@@ -247,7 +247,8 @@ class Reference:
             chosen = tuple(range(N)) if selected is None else selected  # [schedule.dense-prefix]
             active = sorted(text + tuple(visual[i] for i in chosen))
             previous_input = hidden
-            hidden = run_block(host, layer, hidden, active, cache, generated)
+            extra = () if generated is None else (generated,)  # the recompute only ([cache.policy.retroactive])
+            hidden = run_block(host, layer, hidden, active, cache, *extra)
             active_visual.append(chosen)
             kv_positions.append(torch.tensor(active))
         keep = retained(text, visual, selected) if config.cache == "retroactive" else None

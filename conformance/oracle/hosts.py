@@ -32,6 +32,7 @@ from rerouting.reference.host_qwen import MROPE_ISSUE, mrope_release_ok
 from rerouting.reference.tiny import tiny_llava, tiny_llava_config
 from rerouting.reference.tiny_qwen import IMAGE_TOKEN_ID as QWEN_IMAGE_TOKEN_ID
 from rerouting.reference.tiny_qwen import tiny_qwen, tiny_qwen_config
+from rerouting.reference.tiny_qwen2 import tiny_qwen2, tiny_qwen2_config
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -43,11 +44,14 @@ PATCH = 2  # CLIP patch size; an image of grid x grid patches gives grid**2 visu
 VOCAB = 64
 TIE_MODES = ("none", "exact", "near-3", "near-5", "near-7")
 FAMILIES = ("llava", "qwen2.5-vl")
+#: Qwen2-VL (the Qwen2.5-VL host's rules on ``Qwen2VLForConditionalGeneration``) is not in the family draw;
+#: properties that want it (the CLSE scorer's, published on Qwen2-VL) turn a drawn Qwen2.5-VL host into it.
+QWEN_FAMILIES = ("qwen2.5-vl", "qwen2-vl")
 
 
 def release_refuses(family: str) -> str | None:
     """Why the installed transformers cannot serve ``family`` at all (the Qwen host refuses the mRoPE bug)."""
-    if family == "qwen2.5-vl" and not mrope_release_ok():
+    if family in QWEN_FAMILIES and not mrope_release_ok():
         return f"transformers {importlib.metadata.version('transformers')} has the Qwen mRoPE bug ({MROPE_ISSUE})"
     return None
 
@@ -55,7 +59,11 @@ def release_refuses(family: str) -> str | None:
 #: The families the installed transformers serves: what is drawn unless the implementation takes fewer.
 SERVED = tuple(family for family in FAMILIES if release_refuses(family) is None)
 #: The Hugging Face model class of each family (what an implementation's ``hosts`` attribute names).
-HOST_CLASSES = {"llava": "LlavaForConditionalGeneration", "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
+HOST_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen2-vl": "Qwen2VLForConditionalGeneration",
+}
 #: Qwen image grids ``(gh, gw)`` in 14-px patches; each gives ``gh·gw/4`` visual tokens (1, 2, 2, 3, 4).
 QWEN_GRIDS = ((2, 2), (2, 4), (4, 2), (2, 6), (4, 4))
 
@@ -80,7 +88,7 @@ class HostSpec:
 
     @property
     def is_qwen(self) -> bool:
-        return self.family == "qwen2.5-vl"
+        return self.family in QWEN_FAMILIES
 
     @property
     def model_class(self) -> str:
@@ -119,6 +127,12 @@ class HostSpec:
         config.text_config.intermediate_size = self.intermediate_size
         return config
 
+    def qwen2_config(self):
+        config = tiny_qwen2_config(num_layers=self.num_layers, attn_implementation=self.attention)
+        config.text_config.num_key_value_heads = self.num_kv_heads
+        config.text_config.intermediate_size = self.intermediate_size
+        return config
+
 
 def _make_ties(model, ties: str) -> None:
     if ties == "none":
@@ -136,7 +150,9 @@ def build_model(host: HostSpec, dtype: str = "float32", device: str = "cpu"):
     """The model of ``host`` in ``dtype`` on ``device`` (cached; the weights are the float32 ones, cast)."""
     if dtype != "float32" or device != "cpu":
         return copy.deepcopy(build_model(host)).to(device=device, dtype=DTYPES[dtype])
-    if host.is_qwen:
+    if host.family == "qwen2-vl":
+        model = tiny_qwen2(host.qwen2_config(), seed=host.seed)
+    elif host.is_qwen:
         model = tiny_qwen(host.qwen_config(), seed=host.seed)
     else:
         model = tiny_llava(host.llava_config(), seed=host.seed)
