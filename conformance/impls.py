@@ -181,6 +181,18 @@ class Checked:
         hosts = getattr(self.impl, "hosts", None)
         return hosts is None or class_name in hosts
 
+    def supports_scorer(self, kind: str) -> bool:
+        """Whether the implementation has the scorer ``kind`` ([scoring.scorer]): its optional ``scorers``
+        attribute (kinds) says; without one it is held to every kind the suite draws."""
+        scorers = getattr(self.impl, "scorers", None)
+        return scorers is None or kind in scorers
+
+    def supports_cache_policy(self, name: str) -> bool:
+        """Whether the implementation has the cache policy ``name`` ([cache.policy]): its optional
+        ``cache_policies`` attribute says; without one it is held to every policy."""
+        policies = getattr(self.impl, "cache_policies", None)
+        return policies is None or name in policies
+
     def prefill(
         self,
         model: nn.Module,

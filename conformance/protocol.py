@@ -182,6 +182,12 @@ class Implementation(Protocol):
     implementation for some hosts only says so with an optional ``hosts`` attribute (model class names,
     e.g. ``("LlavaForConditionalGeneration",)``): the checks of other hosts are then skipped with that
     reason, and the report lists their rules as skipped, not checked.
+
+    Scorers and cache policies (added compatibly with CLSE): ``config.scorer.kind`` may be ``"clse"``
+    (spec/clse.md, parameters in ``config.scorer.clse``) and ``config.cache`` ``"retroactive"``
+    ([cache.policy]); the CLSE checks also draw ``Qwen2VLForConditionalGeneration`` hosts where ``hosts``
+    allows. An implementation without them says so with optional ``scorers`` (kinds) and ``cache_policies``
+    (names) attributes: those checks are then skipped, saying so.
     """
 
     name: str

@@ -26,6 +26,16 @@ from rerouting.conformance.oracle.strategies import draw_case
 from rerouting.conformance.protocol import check
 
 
+@pytest.fixture
+def impl(impl):
+    """The implementation under test, if it has the retroactive cache policy (its ``cache_policies`` attribute)."""
+    if not impl.supports_cache_policy("retroactive"):
+        pytest.skip(
+            f"{impl.name} declares cache policies {list(impl.impl.cache_policies)}, not 'retroactive'"
+        )
+    return impl
+
+
 def retroactive(case):
     return dataclasses.replace(case, config=dataclasses.replace(case.config, cache="retroactive"))
 

@@ -36,6 +36,14 @@ from rerouting.reference.flops import spectral_flops
 from rerouting.reference.schedule import ClseParams
 
 
+@pytest.fixture
+def impl(impl):
+    """The implementation under test, if it has the CLSE scorer (its optional ``scorers`` attribute)."""
+    if not impl.supports_scorer("clse"):
+        pytest.skip(f"{impl.name} declares scorers {list(impl.impl.scorers)}, not 'clse'")
+    return impl
+
+
 def draw_clse_case(data, impl):
     """A case scored by CLSE: any variant, both probe layers, both policies, the spectral stages each allows."""
     policy = data.draw(st.sampled_from(["reroute", "remove"]), label="policy")

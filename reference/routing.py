@@ -247,7 +247,9 @@ class Reference:
             chosen = tuple(range(N)) if selected is None else selected  # [schedule.dense-prefix]
             active = sorted(text + tuple(visual[i] for i in chosen))
             previous_input = hidden
-            extra = () if generated is None else (generated,)  # the recompute only ([cache.policy.retroactive])
+            extra = (
+                () if generated is None else (generated,)
+            )  # the recompute only ([cache.policy.retroactive])
             hidden = run_block(host, layer, hidden, active, cache, *extra)
             active_visual.append(chosen)
             kv_positions.append(torch.tensor(active))

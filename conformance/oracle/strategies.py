@@ -365,7 +365,10 @@ def presets(num_layers: int = 32) -> st.SearchStrategy[str]:
     """Names of the presets whose decision layers fit ``num_layers``.
 
     Presets with absolute keep counts (CLSE's LLaVA ``clse_*``: 110 and more) need more visual tokens than a
-    tiny host has; tests/test_clse_generate.py runs them at LLaVA-1.5's 576.
+    tiny host has; tests/test_clse_generate.py runs them at LLaVA-1.5's 576. Presets of another scorer than
+    the attention probe are drawn by that scorer's own properties (the CLSE ones: test_scoring_clse.py).
     """
-    fits = lambda c: max(c.schedule.layers) < num_layers and c.schedule.unit == "ratio"  # noqa: E731
+    fits = lambda c: (  # noqa: E731  (CLSE's presets: conformance/test_scoring_clse.py)
+        max(c.schedule.layers) < num_layers and c.schedule.unit == "ratio" and c.scorer.kind == "attention"
+    )
     return st.sampled_from(sorted(n for n, c in PRESETS.items() if fits(c)))
