@@ -26,7 +26,7 @@ from rerouting.conformance.oracle.strategies import draw_case
 from rerouting.conformance.protocol import check
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def impl(impl):
     """The implementation under test, if it has the retroactive cache policy (its ``cache_policies`` attribute)."""
     if not impl.supports_cache_policy("retroactive"):

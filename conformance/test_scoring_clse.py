@@ -36,7 +36,7 @@ from rerouting.reference.flops import spectral_flops
 from rerouting.reference.schedule import ClseParams
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def impl(impl):
     """The implementation under test, if it has the CLSE scorer (its optional ``scorers`` attribute)."""
     if not impl.supports_scorer("clse"):
