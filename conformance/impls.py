@@ -41,6 +41,10 @@ def _kv_from_sample_caches(caches: Sequence[Any]) -> list[list[LayerKV]]:
     for cache in caches:
         layers = []
         for layer, positions in enumerate(cache.positions):
+            if is_linear_layer(cache, layer):  # [hosts.linear.cache]: states, no K/V entries to compare
+                keys = values = torch.zeros(0, 0, 0)
+                layers.append(LayerKV(keys, values, torch.as_tensor(positions).cpu()))
+                continue
             keys, values = cache.layer_kv(layer)
             positions = torch.as_tensor(positions).cpu()
             grown = keys.shape[-2] - positions.numel()
@@ -49,6 +53,15 @@ def _kv_from_sample_caches(caches: Sequence[Any]) -> list[list[LayerKV]]:
             layers.append(LayerKV(keys, values, positions))
         out.append(layers)
     return out
+
+
+def is_linear_layer(cache: Any, layer: int) -> bool:
+    """Whether ``cache`` (a ``SampleCache``-like object) holds linear-attention states at ``layer``."""
+    from transformers import cache_utils
+
+    linear = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)  # absent before transformers 5.24
+    layers = getattr(getattr(cache, "cache", None), "layers", None)
+    return linear is not None and layers is not None and isinstance(layers[layer], linear)
 
 
 class ReferenceImpl:
@@ -80,16 +93,22 @@ class ReferenceImpl:
         *,
         forced_selection: ForcedSelection | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        twig: Any = None,
         generated_from: int | None = None,
         **yardstick: Any,
     ) -> PrefillOutput:
         """``yardstick``: ``Reference``'s yardstick switches (compute_dtype, score_dtype, attention), for the oracle.
 
+        ``twig``: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]).
         ``generated_from``: the oracle's recompute of decoding under the retroactive cache policy
         ([cache.policy.retroactive]); only ever passed with it.
         """
         if not yardstick and next(model.parameters()).dtype == torch.float64:
             yardstick = {"compute_dtype": torch.float64}  # a float64 model runs (and scores) in float64
+        if twig is not None:
+            yardstick["twig"] = (
+                twig if next(twig.parameters()).device.type == "cpu" else copy.deepcopy(twig).cpu()
+            )
         reference = Reference(self._cpu(model), config, **yardstick)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         grid = {} if image_grid_thw is None else {"image_grid_thw": cpu(image_grid_thw)}
@@ -111,6 +130,52 @@ class ReferenceImpl:
         reference, result = prefill.state
         logits = decode_step(reference, result, tokens.cpu(), step)
         return DecodeOutput(logits=logits, kv=_kv_from_sample_caches(result.caches))
+
+    def ssd_generate(
+        self,
+        model,
+        config,
+        twig,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        *,
+        max_new_tokens,
+        options,
+        **yardstick,
+    ):
+        """[twig.ssd.lossless] The reference's SSD: ``[B, n]`` tokens and its ``SpeculationStats``."""
+        from rerouting.reference.ssd import ssd_generate
+
+        if not yardstick and next(model.parameters()).dtype == torch.float64:
+            yardstick = {"compute_dtype": torch.float64}
+        reference = Reference(self._cpu(model), config, twig=copy.deepcopy(twig).cpu(), **yardstick)
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return ssd_generate(
+            reference,
+            cpu(input_ids),
+            cpu(attention_mask),
+            cpu(pixel_values),
+            max_new_tokens=max_new_tokens,
+            options=options,
+        )
+
+    def greedy_generate(
+        self, model, config, twig, input_ids, attention_mask, pixel_values, *, max_new_tokens, **yardstick
+    ):
+        """[cache.decoding-strategy] The reference's greedy decode of the (TTP-)routed prefill: ``[B, n]`` tokens."""
+        from rerouting.reference.decode import greedy_generate
+
+        if not yardstick and next(model.parameters()).dtype == torch.float64:
+            yardstick = {"compute_dtype": torch.float64}
+        reference = Reference(
+            self._cpu(model), config, twig=None if twig is None else copy.deepcopy(twig).cpu(), **yardstick
+        )
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        tokens, _ = greedy_generate(
+            reference, cpu(input_ids), cpu(attention_mask), cpu(pixel_values), max_new_tokens=max_new_tokens
+        )
+        return tokens
 
 
 class FunctionalImpl:
@@ -203,11 +268,17 @@ class Checked:
         *,
         forced_selection: ForcedSelection | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        twig: Any = None,
     ) -> PrefillOutput:
-        """``image_grid_thw`` (a Qwen2.5-VL case) is passed only when given, to a ``prefill`` that accepts it."""
+        """``image_grid_thw`` (a Qwen2.5-VL case) is passed only when given, to a ``prefill`` that accepts it;
+        so is ``twig`` (a TTP case, [twig.ttp.score])."""
         if not hasattr(self.impl, "prefill"):
             raise CapabilityMissing("prefill", self.name)
         kwargs = {}
+        if twig is not None:
+            if not _accepts(self.impl.prefill, "twig"):
+                raise CapabilityMissing("twig", self.name, "prefill takes no twig argument (TwigVLM's TTP)")
+            kwargs["twig"] = twig
         if image_grid_thw is not None:
             if not _accepts(self.impl.prefill, "image_grid_thw"):
                 raise CapabilityMissing(
@@ -247,6 +318,12 @@ class Checked:
             )
         return out
 
+    def ssd_generate(self, *args: Any, **kwargs: Any):
+        """[twig.ssd.lossless] The implementation's SSD (optional): tokens ``[B, n]`` and ``SpeculationStats``."""
+        if not hasattr(self.impl, "ssd_generate"):
+            raise CapabilityMissing("ssd_generate", self.name, "self-speculative decoding with a twig")
+        return self.impl.ssd_generate(*args, **kwargs)
+
     def decode_kv(self, out: DecodeOutput) -> Sequence[Sequence[LayerKV]]:
         """The cache after a decode step, or a missing-capability failure."""
         if out.kv is None:
@@ -281,6 +358,7 @@ class OptimizedImpl:
         *,
         forced_selection: ForcedSelection | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        twig: Any = None,
     ) -> PrefillOutput:
         from rerouting import optimized
 
@@ -292,6 +370,7 @@ class OptimizedImpl:
             pixel_values,
             forced_selection=forced_selection,
             image_grid_thw=image_grid_thw,
+            twig=twig,
         )
         return PrefillOutput(logits=result.logits, kv=self._kv(result), trace=result.trace, state=result)
 
@@ -312,6 +391,24 @@ class OptimizedImpl:
         with torch.no_grad():
             logits = optimized.decode_step(model, result.cache, tokens[:, None])  # [B, 1, V]
         return DecodeOutput(logits=logits[:, -1], kv=self._kv(result))
+
+    def ssd_generate(
+        self, model, config, twig, input_ids, attention_mask, pixel_values, *, max_new_tokens, options
+    ):
+        """[twig.ssd.batch] ``rerouting.optimized``'s batched SSD: tokens ``[B, n]`` and ``SpeculationStats``."""
+        from rerouting.optimized.ssd import ssd_generate
+
+        tokens, stats, _ = ssd_generate(
+            model,
+            config,
+            twig,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            max_new_tokens=max_new_tokens,
+            options=options,
+        )
+        return tokens, stats
 
 
 def _optimized() -> Any:

@@ -183,6 +183,12 @@ class Implementation(Protocol):
     e.g. ``("LlavaForConditionalGeneration",)``): the checks of other hosts are then skipped with that
     reason, and the report lists their rules as skipped, not checked.
 
+    TwigVLM (added compatibly): on a TTP case ``prefill`` also gets ``twig=`` (a ``rerouting.reference.Twig``,
+    [twig.ttp.score]); self-speculative decoding is an optional ``ssd_generate(model, config, twig, input_ids,
+    attention_mask, pixel_values, *, max_new_tokens, options)`` returning the tokens ``[B, n]`` and a
+    ``rerouting.reference.ssd.SpeculationStats`` ([twig.ssd.lossless]). Without them those checks fail as a
+    missing capability ("twig", "ssd_generate").
+
     Scorers and cache policies (added compatibly with CLSE): ``config.scorer.kind`` may be ``"clse"``
     (spec/clse.md, parameters in ``config.scorer.clse``) and ``config.cache`` ``"retroactive"``
     ([cache.policy]); the CLSE checks also draw ``Qwen2VLForConditionalGeneration`` hosts where ``hosts``
@@ -215,6 +221,8 @@ CAPABILITIES: tuple[str, ...] = (
     "decode_step",
     "decode_step KV (DecodeOutput.kv)",
     "image_grid_thw",
+    "twig",  # prefill(..., twig=) on a TTP case (TwigVLM; checks skipped without it)
+    "ssd_generate",  # self-speculative decoding (TwigVLM; checks skipped without it)
 )
 
 

@@ -152,3 +152,33 @@ def test_presets(impl, data):
     run_check(
         check_preset, impl, Case(host, layout, PRESETS[name], dtype=dtype, device=SETTINGS.device), name=name
     )
+
+
+def check_keep_zero(impl, case):
+    """A final decision keeping 0 (any scorer, any policy): no visual token after it, no scorer run, the rest as usual."""
+    obs = observe(impl, case)
+    check_structure(obs)  # k = 0, an empty selection, no probe ([schedule.keep-zero])
+    check_logits(obs, "schedule.keep-zero")
+    check_decisions(obs)
+    for b, sample in enumerate(obs.out.trace.samples):
+        if sample.decisions:
+            wipe = case.config.schedule.layers[-1]
+            check(
+                not any(sample.active_visual[wipe:]),
+                "schedule.keep-zero",
+                f"sample {b}: visual tokens active at or after the k = 0 decision at layer {wipe}",
+            )
+
+
+@pytest.mark.spec("schedule.keep-zero")
+@given(data=st.data())
+def test_keep_zero(impl, data):
+    case = draw_case(data, unit="count")
+    schedule = case.config.schedule
+    L = case.host.num_layers
+    if schedule.layers[-1] < L - 1 and data.draw(st.booleans(), label="append_wipe"):
+        wipe = data.draw(st.integers(schedule.layers[-1] + 1, L - 1), label="wipe_layer")
+        zeroed = Schedule((*schedule.layers, wipe), (*schedule.keep, 0), unit="count")
+    else:
+        zeroed = Schedule(schedule.layers, (*schedule.keep[:-1], 0), unit="count")
+    run_check(check_keep_zero, impl, case.with_config(schedule=zeroed))

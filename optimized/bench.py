@@ -283,6 +283,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="small shapes and few runs: a smoke test in seconds"
     )
     parser.add_argument("--out", default="rerouting-bench", help="folder for bench.json and bench.txt")
+    parser.add_argument(
+        "--decoding",
+        default=None,
+        choices=("ssd",),
+        help="ssd: self-speculative decoding vs greedy on a synthetic TTP-routed model (optimized/bench_ssd.py)",
+    )
     args = parser.parse_args(argv)
     for name in ("repeats", "reference_repeats", "decode_steps", "threads"):
         value = getattr(args, name)
@@ -321,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.decoding == "ssd":
+        return _main_ssd(args)
     try:
         record = run(
             shapes(args.host, args.quick),
@@ -354,6 +362,31 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(record, indent=2))
     (out / "bench.txt").write_text(text + "\n")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.txt'}")
+    return 0
+
+
+def _main_ssd(args: argparse.Namespace) -> int:
+    """``--decoding ssd``: the SSD table, ``OUT/bench_ssd.json`` and ``OUT/bench_ssd.txt``."""
+    from .bench_ssd import run_ssd_bench, ssd_table
+
+    rows = run_ssd_bench(
+        quick=args.quick,
+        device=args.device,
+        dtype=_DTYPES[args.dtype],
+        batches=args.decode_batches or (1,),
+        steps=args.decode_steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        clock=args.clock,
+        log=lambda line: print(line, flush=True),
+    )
+    text = "self-speculative decoding vs greedy (decode only, same TTP-routed model)\n" + ssd_table(rows)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_ssd.json").write_text(json.dumps(rows, indent=2))
+    (out / "bench_ssd.txt").write_text(text + "\n")
+    print(f"wrote {out / 'bench_ssd.json'} and {out / 'bench_ssd.txt'}")
     return 0
 
 

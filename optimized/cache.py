@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from rerouting.reference import RotaryIds, RoutingError, SampleCache
+from rerouting.reference.compat import new_cache
 
 from .packing import Packing
 
@@ -33,12 +34,21 @@ class RoutedCache(Cache):
             Tv, the buffer's trash row, and are never visible).
         rotary: the batch's position-id table for an mRoPE host (decoded position p has ids ``p + δ_b``,
             [cache.decode.positions]); None for 1-D RoPE.
+        kinds: per layer ``"softmax"`` (a ``DynamicLayer`` of K/V) or ``"linear"`` (a ``LinearAttentionLayer``
+            of per-sample conv and recurrent states, [hosts.linear.cache]); None: every layer softmax.
     """
 
     def __init__(
-        self, num_layers: int, prefill_lengths: torch.Tensor, columns: int, rotary: RotaryIds | None = None
+        self,
+        num_layers: int,
+        prefill_lengths: torch.Tensor,
+        columns: int,
+        rotary: RotaryIds | None = None,
+        *,
+        kinds: tuple[str, ...] | None = None,
     ):
-        super().__init__(layers=[DynamicLayer() for _ in range(num_layers)])
+        self.kinds = ("softmax",) * num_layers if kinds is None else tuple(kinds)
+        super().__init__(layers=[_layer(kind) for kind in self.kinds])
         self.prefill_lengths = prefill_lengths
         self.columns = columns
         self.steps = 0
@@ -101,7 +111,10 @@ class RoutedCache(Cache):
         self._select(index.repeat_interleave(repeats))
 
     def _select(self, index: torch.Tensor) -> None:
-        for layer in self.layers:
+        for layer, kind in zip(self.layers, self.kinds):
+            if kind == "linear":  # [hosts.linear.cache]: the states follow their samples
+                layer.reorder_cache(index)
+                continue
             layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
             layer.values = layer.values.index_select(0, index.to(layer.values.device))
         index = index.to(self.prefill_lengths.device)
@@ -161,15 +174,38 @@ class RoutedCache(Cache):
         keep = torch.cat([torch.arange(n), torch.arange(width, width + self.steps)]).to(layer.keys.device)
         return layer.keys[sample].index_select(1, keep), layer.values[sample].index_select(1, keep)
 
+    def layer_state(self, layer_idx: int, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[hosts.linear.cache] Conv state ``[C, K]`` and recurrent state ``[H_v, d_k, d_v]`` of one sample in a
+        linear-attention layer."""
+        if self.kinds[layer_idx] != "linear":
+            raise RoutingError(
+                "hosts.linear.cache", f"layer {layer_idx} is a softmax layer: it holds K/V, not states"
+            )
+        layer = self.layers[layer_idx]
+        return layer.conv_states[0][sample], layer.recurrent_states[0][sample]
+
     def sample_cache(self, sample: int) -> SampleCache:
         """One sample's cache in the reference's form (a batch-1 ``DynamicCache``), for comparisons."""
-        from transformers import DynamicCache
-
-        cache, positions = DynamicCache(), []
+        cache, positions = new_cache(self.kinds), []
         for layer_idx in range(len(self.layers)):
+            n = int(self.entries[layer_idx][sample])
+            if self.kinds[layer_idx] == "linear":
+                conv, state = self.layer_state(layer_idx, sample)
+                cache.update_conv_state(conv[None], layer_idx)  # [1, C, K]
+                cache.update_recurrent_state(state[None], layer_idx)
+                positions.append(self.positions[layer_idx][sample, :n].cpu())
+                continue
             keys, values = self.layer_kv(layer_idx, sample)
             cache.update(keys[None], values[None], layer_idx)  # [1, H_kv, n, hd] each
-            n = int(self.entries[layer_idx][sample])
             positions.append(self.positions[layer_idx][sample, :n].cpu())
         rotary = None if self.rotary is None else self.rotary.select(torch.tensor([sample]))
         return SampleCache(cache, positions, int(self.prefill_lengths[sample]), rotary)
+
+
+def _layer(kind: str):
+    """An empty cache layer of ``kind``: K/V entries (softmax) or conv/recurrent states (linear)."""
+    if kind == "linear":
+        from transformers.cache_utils import LinearAttentionLayer
+
+        return LinearAttentionLayer()
+    return DynamicLayer()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rerouting.reference import Host, RoutingConfig, host_for
-from rerouting.reference.compat import call_layer
+from rerouting.reference.compat import call_layer, call_linear_layer
 from rerouting.reference.hooks import decoding_strategy
 from rerouting.reference.host import bind_ids
 
@@ -39,6 +39,9 @@ def _decode(host: Host, implementation: str, cache: RoutedCache, tokens: torch.T
     positions = host.decode_positions(cache.prefill_lengths, cache.steps, tokens.shape[1])  # [B, q]
     rotary = host.rotary_embeddings(h, positions)  # cos, sin: [B, q, hd]
     for index, layer in enumerate(host.layers):
+        if host.layer_kinds[index] == "linear":  # [hosts.linear.cache]: a step of the sample's own recurrence
+            h = call_linear_layer(layer, h, padding_mask=None, cache=cache)
+            continue
         h = call_layer(
             layer,
             h,

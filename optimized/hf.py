@@ -26,10 +26,12 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from rerouting.reference import Host, RoutingConfig, RoutingError, Trace, host_for
 from rerouting.reference.compat import forward_cache, make_output
+from rerouting.reference.twig import check_twig
 
 from .cache import RoutedCache
 from .decode import decode_step
 from .generate_options import check_generate_options
+from .generate_ssd import generate_ssd
 from .routing import PrefillResult, check_host, routed_prefill
 
 # forward() arguments the routed path cannot honour: passing them (not None / not False) is an error, never
@@ -58,10 +60,12 @@ class Router:
         last_trace: its ``Trace``.
     """
 
-    def __init__(self, model: nn.Module, config: RoutingConfig):
-        check_host(model, config)  # fail at construction: class, attention implementation, schedule
-        self.model, self.config = model, config
+    def __init__(self, model: nn.Module, config: RoutingConfig, twig=None):
+        host, _ = check_host(model, config)  # fail at construction: class, attention implementation, schedule
+        check_twig(config, twig, host)  # [twig.ttp.score]
+        self.model, self.config, self.twig = model, config, twig
         self.last_result: PrefillResult | None = None
+        self.last_speculation = None  # [twig.ssd.generate]: the SpeculationStats of the last SSD generate
         self._saved: dict[str, tuple[bool, Any]] | None = None
 
     @property
@@ -87,6 +91,14 @@ class Router:
 
         @functools.wraps(original_generate)
         def generate(*args, **kwargs):
+            if self.twig is not None and kwargs.get("assistant_model") is not None:  # [twig.ssd.generate]
+                if kwargs["assistant_model"] is not self.twig:
+                    raise RoutingError(
+                        "twig.ssd.generate",
+                        "assistant_model must be the twig this model is routed with (route(model, config, "
+                        f"twig=twig)); got another {type(kwargs['assistant_model']).__name__}",
+                    )
+                return generate_ssd(self, model, args, kwargs)
             check_generate_options(model, kwargs)  # before generate builds caches or assistants
             add_token_types(host_for(model), args, kwargs)
             return original_generate(*args, **kwargs)
@@ -161,6 +173,8 @@ class Router:
             use_cache=use_cache,
             logits_to_keep=arguments.get("logits_to_keep", 0),
             image_features=None if image is None else image.pooler_output,
+            twig=self.twig,
+            deepstack_features=getattr(image, "deepstack_features", None),  # [hosts.deepstack]: Qwen3-VL
             **host_inputs,
         )
         rotary = None if result.cache is None else result.cache.rotary
@@ -259,9 +273,11 @@ def check_positions(given: torch.Tensor | None, expected: torch.Tensor, valid: t
         )
 
 
-def route(model: nn.Module, config: RoutingConfig) -> Router:
+def route(model: nn.Module, config: RoutingConfig, *, twig=None) -> Router:
     """[routing.errors] Route ``model`` under ``config`` inside a ``with`` block (see the module docstring).
 
-    Raises ``RoutingError`` at once for an unsupported model class, attention implementation or schedule.
+    ``twig``: the twig of a ``kind="twig"`` scorer (TTP); ``model.generate(..., assistant_model=twig)`` then
+    runs self-speculative decoding with it ([twig.ssd.generate]). Raises ``RoutingError`` at once for an
+    unsupported model class, attention implementation, schedule or twig.
     """
-    return Router(model, config)
+    return Router(model, config, twig)

@@ -34,6 +34,7 @@ from rerouting.reference import (
 )
 from rerouting.reference.compat import call_layer
 from rerouting.reference.host import bind_ids
+from rerouting.reference.hybrid import embed_inputs, layer_visual
 from rerouting.reference.scoring import (
     probe_size,
     query_rows,
@@ -43,8 +44,10 @@ from rerouting.reference.scoring import (
     scoring_method,
 )
 from rerouting.reference.selection import ForcedSelection, check_forced, forced_choice
+from rerouting.reference.twig import check_twig
 
 from .cache import RoutedCache
+from .hybrid import HybridLayers
 from .packing import (
     Packing,
     gather_rows,
@@ -57,6 +60,7 @@ from .packing import (
 from .prefill_checks import FAST_SCORERS, check_attention_implementation, check_host, check_scorer  # noqa: F401
 from .scoring import probe_scores
 from .scoring_clse import clse_gates_batched
+from .scoring_twig import twig_scores
 from .selection import select_topk
 
 
@@ -76,6 +80,7 @@ class PrefillResult:
     hidden: torch.Tensor
     cache: RoutedCache | None
     trace: Trace
+    twig_cache: RoutedCache | None = None  # [twig.ssd.rollback]: the twig's group (slots K..K+T-1), TTP only
 
     @property
     def caches(self) -> list[SampleCache]:
@@ -101,11 +106,12 @@ class _Sample:
         return bool(self.visual)  # [layout.text-only]
 
 
-class _Prefill:
+class _Prefill(HybridLayers):
     """One routed prefill of one batch. State: the buffer, the current compact batch and its packing."""
 
-    def __init__(self, host: Host, implementation: str, config: RoutingConfig):
+    def __init__(self, host: Host, implementation: str, config: RoutingConfig, twig=None):
         self.host, self.implementation, self.config = host, implementation, config
+        self.twig, self.twig_cache = twig, None
 
     def run(
         self,
@@ -117,20 +123,26 @@ class _Prefill:
         use_cache: bool,
         logits_to_keep: int | torch.Tensor,
         host_inputs: dict[str, torch.Tensor],
+        deepstack_features=None,
     ) -> PrefillResult:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         grid = {k: v for k, v in host_inputs.items() if k == "image_grid_thw"}
-        embeds = self.host.embed(input_ids, pixel_values, image_features, **grid)  # [B, T, D]
+        embeds, levels = embed_inputs(
+            self.host, input_ids, pixel_values, image_features, deepstack_features=deepstack_features, **grid
+        )  # [B, T, D]; DeepStack levels [B, T, D] each ([hosts.deepstack])
         self._start_samples(input_ids, attention_mask, forced, host_inputs)
         cols = self._start_buffer(input_ids, attention_mask, embeds, use_cache)  # [B, Tv]
+        self.levels = tuple(gather_rows(level, cols) for level in levels)  # [B, Tv, D]: buffer rows
         decisions, active_visual = self._run_layers(forced)
         if self.cache is not None and self.config.cache == "retroactive":
             self.cache.retroactive_cut(self._retained())  # [cache.policy.retroactive]
         self._sync()
         hidden, logits = self._outputs(cols, attention_mask, logits_to_keep)
         trace = self._trace(decisions, active_visual)
-        return PrefillResult(logits=logits, hidden=hidden, cache=self.cache, trace=trace)
+        return PrefillResult(
+            logits=logits, hidden=hidden, cache=self.cache, trace=trace, twig_cache=self.twig_cache
+        )
 
     # --- setup ---------------------------------------------------------------------------------------
     def _start_samples(
@@ -164,7 +176,7 @@ class _Prefill:
         rows = torch.arange(Tv, device=device)
         self.valid = rows[None, :] < lengths[:, None]  # [B, Tv]
         is_visual = (input_ids.gather(1, cols) == host.image_token_id) & self.valid  # [B, Tv]
-        self.is_text = self.valid & ~is_visual  # [B, Tv]
+        self.is_text, self.is_visual = self.valid & ~is_visual, is_visual  # [B, Tv] each
         N = max((len(s.visual) for s in self.samples), default=0)
         self.visual_rows = torch.full((B, N), -1, dtype=torch.long)  # [B, N]: position of visual index i
         for b, s in enumerate(self.samples):
@@ -175,7 +187,15 @@ class _Prefill:
         trash = embeds.new_zeros(B, 1, embeds.shape[-1])
         self.buffer = torch.cat([gather_rows(embeds, cols), trash], dim=1)  # [B, Tv + 1, D]
         self.dense = pack(self.valid)  # [schedule.dense-prefix]: every valid token active
-        self.cache = RoutedCache(host.num_layers, lengths, T, self.rotary_ids) if use_cache else None
+        self.cache = (
+            RoutedCache(host.num_layers, lengths, T, self.rotary_ids, kinds=host.layer_kinds)
+            if use_cache
+            else None
+        )
+        if use_cache and self.twig is not None:  # [twig.ssd.rollback]: the twig's own cache group
+            self.twig_cache = RoutedCache(
+                self.twig.first_layer + self.twig.num_layers, lengths, T, self.rotary_ids
+            )
         self._enter(self.dense, self.buffer[:, :Tv], synced=True)
         self.dense_rotary = self.rotary  # reused by every reroute probe (same positions 0..Tv-1)
         return cols
@@ -202,11 +222,21 @@ class _Prefill:
                     if decision is not None:
                         decisions[b].append(decision)
                 early = None
-            if previous and index + 1 in config.schedule.layers:  # [scoring.probe.variant-layer]
+            upcoming = index + 1 in config.schedule.layers
+            wipe = upcoming and config.schedule.keep[config.schedule.layers.index(index + 1)] == 0
+            if (
+                previous and upcoming and not wipe
+            ):  # [scoring.probe.variant-layer]; a k = 0 decision scores nothing
                 early = self._probe(layer)
+            kind = self.host.layer_kinds[index]
             for b, s in enumerate(self.samples):
-                active_visual[b].append(tuple(range(len(s.visual))) if s.selected is None else s.selected)
+                chosen = tuple(range(len(s.visual))) if s.selected is None else s.selected
+                active_visual[b].append(
+                    layer_visual(kind, config.policy, config.linear_attention, len(s.visual), chosen)
+                )
             self._run_layer(index, layer)
+            if index < len(self.levels):  # [hosts.deepstack]: the dense prefix (check_host)
+                self._inject(index)
         return decisions, active_visual
 
     # --- stage state ---------------------------------------------------------------------------------
@@ -225,6 +255,8 @@ class _Prefill:
 
     def _run_layer(self, index: int, layer: nn.Module) -> None:
         """[routing.active-set] [routing.bypass] The host's own layer on the compact batch; the buffer is not touched."""
+        if self.host.layer_kinds[index] == "linear":
+            return self._run_linear(index, layer)  # optimized/hybrid.py
         if self.cache is not None:
             self.cache.record(index, self.packing)
         self.x = call_layer(
@@ -294,10 +326,16 @@ class _Prefill:
         layer_index = schedule.layers[stage]
         scores = None
         probing = runs_probe(scoring_method(config.scorer.kind), config.scorer)
-        if config.scorer.kind in ("attention", "clse") and probing:
+        wipe = schedule.keep[stage] == 0  # [schedule.keep-zero]: no scorer runs
+        twig_here = config.scorer.kind == "twig" and layer_index == self.twig.first_layer
+        if wipe:
+            pass
+        elif twig_here:  # [twig.ttp.score]
+            scores = twig_scores(self).cpu()
+        elif config.scorer.kind in ("attention", "twig", "clse") and probing:
             scores = early if early is not None else self._probe(self.host.layers[layer_index])
             scores = scores.cpu()  # [B, N] in the score dtype: float32, float64 in a float64 run
-        if config.scorer.clse is not None and config.scorer.clse.spectral_at(stage):
+        if not wipe and config.scorer.clse is not None and config.scorer.clse.spectral_at(stage):
             scores = self._clse(scores)
         decisions: list[Decision | None] = []
         keep = self.is_text.clone()  # [B, Tv]: text is always active ([layout.text-set])
@@ -308,7 +346,10 @@ class _Prefill:
             N = len(s.visual)
             pool = candidate_pool(config.policy, N, s.selected)
             k = capped_k(schedule.keep_count(stage, N), pool)
-            if scores is None:  # [scoring.scorer.random]: no probe runs
+            if wipe:  # [schedule.keep-zero]: N zeros, no probe
+                score_dtype = torch.float64 if self.host.dtype == torch.float64 else torch.float32
+                queries, sample_scores = (), torch.zeros(N, dtype=score_dtype)
+            elif scores is None:  # [scoring.scorer.random]: no probe runs
                 queries, sample_scores = (), random_scores(s.generator, N)
             else:
                 queries = query_rows(s.text, s.visual, config.scorer.query) if probing else ()
@@ -406,6 +447,8 @@ def routed_prefill(
     image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
     image_grid_thw: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    twig=None,
+    deepstack_features=None,
 ) -> PrefillResult:
     """[layout.batch-independence] Routed prefill of a batch, every sample routed on its own.
 
@@ -425,6 +468,9 @@ def routed_prefill(
         image_grid_thw: ``[I, 3]`` the images' grids, for a host whose images have one (Qwen2.5-VL).
         position_ids: ``[3, B, T]`` an mRoPE host's position ids when the caller has them (``generate``);
             otherwise the host computes them ([layout.rotary-ids]).
+        twig: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]); its cache group is ``twig_cache``.
+        deepstack_features: with ``image_features`` on a DeepStack host (Qwen3-VL), per level the per-image
+            features ``generate`` computed with them ([hosts.deepstack]).
     """
     host_inputs = {
         name: value
@@ -432,9 +478,10 @@ def routed_prefill(
         if value is not None
     }
     host, implementation = check_host(model, config)
+    check_twig(config, twig, host)  # [twig.ttp.score]
     try:
         with torch.no_grad():
-            return _Prefill(host, implementation, config).run(
+            return _Prefill(host, implementation, config, twig).run(
                 input_ids,
                 attention_mask,
                 pixel_values,
@@ -443,6 +490,7 @@ def routed_prefill(
                 use_cache,
                 logits_to_keep,
                 host_inputs,
+                deepstack_features,
             )
     except torch.OutOfMemoryError as error:  # [routing.errors]: a clear error, never an unrouted fallback
         raise RoutingError(

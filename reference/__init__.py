@@ -3,9 +3,11 @@
 Every function implementing a spec rule names the rule ID in the first line of its docstring.
 """
 
-from . import (
+from . import (  # noqa: F401  (register the "twig" and "clse" scorers and the "ssd" strategy)
     compat,  # first: refuses an unsupported transformers before anything else touches it
-    scoring_clse,  # noqa: F401  registers the CLSE scorer ([clse.scorer])
+    scoring_clse,
+    scoring_twig,
+    ssd,
 )
 from .decode import decode_step, greedy_generate
 from .host import (
@@ -21,10 +23,12 @@ from .host import (
 )
 from .host_qwen import Qwen2_5_VLHost
 from .host_qwen2 import Qwen2VLHost
+from .host_qwen3 import Qwen3_5Host, Qwen3VLHost
 from .routing import PrefillResult, Reference, SampleCache, run_block
 from .schedule import POLICIES, PRESETS, ClseParams, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
+from .twig import Twig
 
 __all__ = [
     "HOSTS",
@@ -40,6 +44,8 @@ __all__ = [
     "PrefillResult",
     "Qwen2VLHost",
     "Qwen2_5_VLHost",
+    "Qwen3VLHost",
+    "Qwen3_5Host",
     "Reference",
     "RotaryIds",
     "RoutingConfig",
@@ -50,6 +56,7 @@ __all__ = [
     "Schedule",
     "Scorer",
     "Trace",
+    "Twig",
     "candidate_pool",
     "capped_k",
     "compat",

@@ -28,6 +28,8 @@ from .flops import (
     probe_flops,
     spectral_flops,
 )
+from .flops_linear import linear_layer_flops_true, linear_state_bytes
+from .hybrid import layer_visual
 from .records import BatchBudget, LayerBudget, ProbeBudget, SampleBudget
 from .schedule import RoutingConfig, RoutingError
 from .scoring import query_rows, runs_probe, scoring_method
@@ -50,7 +52,13 @@ def _check_sizes(num_text: int, num_visual: int, num_layers: int) -> None:
 
 
 def schedule_trace(
-    config: RoutingConfig | None, *, num_text: int, num_visual: int, num_layers: int, visual_start: int = 0
+    config: RoutingConfig | None,
+    *,
+    num_text: int,
+    num_visual: int,
+    num_layers: int,
+    visual_start: int = 0,
+    layer_kinds: tuple[str, ...] = (),
 ) -> Trace:
     """[budget.active-counts] The one-sample trace a routed prefill produces, without a model.
 
@@ -69,7 +77,9 @@ def schedule_trace(
 
     ``num_visual = 0`` gives an unrouted trace ([layout.text-only]): no decision, every layer's
     active visual set empty. ``config=None`` gives the unrouted host forward over N visual tokens
-    (every layer runs all of them, no decision; policy recorded as "none").
+    (every layer runs all of them, no decision; policy recorded as "none"). ``layer_kinds`` (a hybrid
+    decoder's, e.g. ``ArchSpec.layer_kinds``): a linear layer's active set follows ``config.linear_attention``
+    ([hosts.linear.semantics]).
     """
     _check_sizes(num_text, num_visual, num_layers)
     if (
@@ -105,20 +115,26 @@ def schedule_trace(
                 scoring_method(config.scorer.kind), config.scorer
             ):  # random, CLSE's `clse`: no probe
                 keys = queries = 0
+            if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer
+                keys = queries = 0
+                scores = torch.zeros(num_visual, dtype=config.compute_dtype)
             decisions.append(Decision(layer, stage, pool, scores, k, selected, keys, queries))
-        active.append(everything if selected is None else selected)
+        chosen = everything if selected is None else selected
+        kind = layer_kinds[layer] if layer_kinds else "softmax"
+        active.append(layer_visual(kind, config.policy, config.linear_attention, num_visual, chosen))
     sample = SampleTrace(num_text, visual, tuple(decisions), tuple(active))
     return Trace(policy=config.policy, num_layers=num_layers, samples=(sample,))
 
 
 def nominal_visual_counts(
-    config: RoutingConfig | None, num_visual: int, num_layers: int
+    config: RoutingConfig | None, num_visual: int, num_layers: int, layer_kinds: tuple[str, ...] = ()
 ) -> tuple[float, ...]:
     """[budget.avg-tokens] Real-valued visual counts per layer: N in the dense prefix, N·r in a stage.
 
     No floor and no max(1, ·) ([schedule.keep-ratio]); an absolute keep count is taken as is. For the
     remove policy the count is also capped by the previous stage's nominal count (the pool cap,
     [selection.pool-cap]). ``num_visual = 0`` (or ``config=None``, unrouted) gives N at every layer.
+    A linear layer of ``layer_kinds`` under ``reroute`` with ``dense`` semantics counts N ([hosts.linear.dense]).
     """
     _check_sizes(0, num_visual, num_layers)
     if config is None or num_visual == 0:
@@ -135,7 +151,9 @@ def nominal_visual_counts(
     counts = []
     for layer in range(num_layers):
         stage = schedule.stage_of(layer)
-        counts.append(float(num_visual) if stage is None else per_stage[stage])
+        kind = layer_kinds[layer] if layer_kinds else "softmax"
+        dense = layer_visual(kind, config.policy, config.linear_attention, 1, ()) != ()
+        counts.append(float(num_visual) if stage is None or dense else per_stage[stage])
     return tuple(counts)
 
 
@@ -198,7 +216,8 @@ def _sample_budget(
     probes = _probe_budgets(sample, arch, no_probe, config)
     nominal = None
     if config is not None:
-        nominal = avg_visual_tokens(nominal_visual_counts(config, sample.num_visual, num_layers))
+        counts = nominal_visual_counts(config, sample.num_visual, num_layers, arch.layer_kinds)
+        nominal = avg_visual_tokens(counts)
     return SampleBudget(
         num_text=sample.num_text,
         num_visual=sample.num_visual,
@@ -227,17 +246,25 @@ def _layer_budgets(
     layers = []
     for index, (visual, entries) in enumerate(zip(sample.layer_visual_counts, kv_lengths)):
         tokens = sample.num_text + visual
+        if arch.kind(index) == "linear":  # [budget.flops.linear] [budget.kv.state-bytes]: no K/V entries
+            flops, entries, cache_bytes = (
+                linear_layer_flops_true(arch, tokens),
+                0,
+                linear_state_bytes(arch, kv_dtype),
+            )
+        else:
+            flops, cache_bytes = layer_flops_true(arch, tokens), kv_layer_bytes(arch, entries, kv_dtype)
         layers.append(
             LayerBudget(
                 layer=index,
                 visual=visual,
                 tokens=tokens,
-                flops_true=layer_flops_true(arch, tokens),
+                flops_true=flops,
                 macs_fastv=layer_flops_fastv(arch, tokens),
                 macs_pdrop=layer_flops_pdrop(arch, visual),
                 flops_nuwa=layer_flops_nuwa(arch, visual),
                 kv_entries=entries,
-                kv_bytes=kv_layer_bytes(arch, entries, kv_dtype),
+                kv_bytes=cache_bytes,
             )
         )
     return tuple(layers)

@@ -55,6 +55,15 @@ def generated_mask(
     return torch.zeros(blocked.shape, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
 
 
+def check_cache_policy(cache_policy: str, layer_kinds) -> None:
+    """[cache.policy.retroactive] The retroactive cut is defined for KV caches: a host with linear layers refuses it."""
+    if cache_policy == "retroactive" and "linear" in tuple(layer_kinds):
+        raise RoutingError(
+            "cache.policy.retroactive",
+            "cache='retroactive' on a host with linear-attention layers (their state is not per token)",
+        )
+
+
 def check_recompute(generated_from: int | None, cache_policy: str, forced) -> None:
     """[cache.policy.retroactive] The recompute mode needs the retroactive policy and forced decisions."""
     if generated_from is None:

@@ -106,6 +106,53 @@ def call_layer(
     )
 
 
+def call_linear_layer(
+    layer: nn.Module, hidden: torch.Tensor, *, padding_mask: torch.Tensor | None, cache: Any | None
+) -> torch.Tensor:
+    """[hosts.linear.dense] Run a host's linear-attention decoder layer on ``hidden`` ``[B, n, D]``.
+
+    The rows must be LEFT-aligned (padding first): the recurrence starts from a zero state and a zeroed
+    padding row leaves it zero, so each sample's valid rows, and the conv and recurrent states written to
+    ``cache``, are those of the sample alone. ``padding_mask`` ``[B, n]`` (1 valid) or None (no padding).
+    """
+    return layer(
+        hidden,
+        position_embeddings=None,  # a linear-attention layer has no rotary
+        attention_mask=padding_mask,
+        use_cache=cache is not None,
+        **{layer_cache_argument(type(layer)): cache},
+    )
+
+
+def linear_cache_protocol() -> str | None:
+    """Why this transformers cannot hold linear-attention states in a ``Cache`` (None when it can).
+
+    rerouting serves conv and recurrent states through ``Cache.get_conv_state``/``LinearAttentionLayer``
+    (transformers 5.24); earlier releases keep them in a model-specific cache class.
+    """
+    from transformers import cache_utils
+
+    if hasattr(cache_utils, "LinearAttentionLayer") and hasattr(cache_utils.Cache, "get_conv_state"):
+        return None
+    return (
+        f"transformers {transformers.__version__} keeps linear-attention states in a model-specific cache "
+        "(no cache_utils.LinearAttentionLayer / Cache.get_conv_state)"
+    )
+
+
+def new_cache(kinds: tuple[str, ...]) -> Any:
+    """[cache.contents] An empty ``DynamicCache``; with linear layers in ``kinds``, one layer per kind
+    (``LinearAttentionLayer`` for ``"linear"``, ``DynamicLayer`` for ``"softmax"``)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if "linear" in kinds:
+        from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+
+        cache.layers.extend(LinearAttentionLayer() if kind == "linear" else DynamicLayer() for kind in kinds)
+    return cache
+
+
 def forward_cache(arguments: dict[str, Any]) -> Any | None:
     """[routing.errors] Pop the cache from a model forward's bound arguments, under either name.
 

@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from .compat import call_layer
+from .compat import call_layer, call_linear_layer
 from .hooks import decoding_strategy
 from .host import attention_implementation, bind_ids
 from .routing import PrefillResult, Reference
@@ -33,6 +33,9 @@ def decode_step(reference: Reference, result: PrefillResult, tokens: torch.Tenso
             position = host.decode_positions(torch.tensor([sample_cache.length]), step, 1)  # [1, 1]
             cos, sin = host.rotary_embeddings(h, position)
             for index, layer in enumerate(host.layers):
+                if host.layer_kinds[index] == "linear":  # [hosts.linear.cache]: one recurrent step
+                    h = call_linear_layer(layer, h, padding_mask=None, cache=sample_cache.cache)
+                    continue
                 n = sample_cache.cache.layers[index].keys.shape[-2]  # this layer's own length
                 mask = torch.zeros(1, 1, 1, n + 1, dtype=h.dtype)  # the new token sees its whole layer cache
                 h = call_layer(

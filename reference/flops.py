@@ -76,8 +76,9 @@ def layer_flops_true(arch: ArchSpec, n: int) -> dict[str, int]:
         bias += n * d
     if arch.mlp_bias:
         bias += n * (2 * m + d)
+    q_proj_out = 2 * q_out if arch.query_gate else q_out  # [hosts.gated-query]: query and gate (Qwen3.5)
     return {
-        "proj_q": 2 * n * d * q_out,
+        "proj_q": 2 * n * d * q_proj_out,
         "proj_k": 2 * n * d * kv_out,
         "proj_v": 2 * n * d * kv_out,
         "proj_o": 2 * n * q_out * d,
@@ -138,9 +139,10 @@ def probe_flops(arch: ArchSpec, keys: int, queries: int) -> dict[str, int]:
     keys, queries = _count(keys, "keys"), _count(queries, "queries")
     d, hd = arch.hidden_size, arch.head_dim
     q_out, kv_out = arch.num_heads * hd, arch.num_kv_heads * hd
+    q_proj_out = 2 * q_out if arch.query_gate else q_out  # the probe runs the layer's whole q_proj
     return {
         "proj_k": 2 * keys * d * kv_out,
-        "proj_q": 2 * queries * d * q_out,
+        "proj_q": 2 * queries * d * q_proj_out,
         "scores": 2 * queries * keys * q_out,
         "bias": (queries * q_out + keys * kv_out) if arch.attention_bias else 0,
     }
@@ -182,8 +184,10 @@ def kv_decode_growth(arch: ArchSpec, dtype: torch.dtype = torch.float16) -> int:
     """[budget.kv.decode-growth] Cache bytes each generated token adds: 2 · L · H_kv · hd · bytes/element.
 
     Decode is never routed ([cache.decode.unrouted]): one entry per layer. LLaVA-1.5-7B fp16: 512 KiB.
+    On a hybrid decoder only the softmax layers grow ([budget.kv.state-bytes]).
     """
-    return arch.num_layers * kv_entry_bytes(arch, dtype)
+    softmax = sum(arch.kind(layer) == "softmax" for layer in range(arch.num_layers))
+    return softmax * kv_entry_bytes(arch, dtype)
 
 
 def avg_visual_tokens(counts: Sequence[float]) -> float:

@@ -3,7 +3,8 @@
 A vision-side reducer ([layout.vision-reducer], spec/layout.md) changes what enters the decoder: it takes the
 merged input embeddings and the layouts and returns both; ``identity`` is the only one. A decoding strategy
 ([cache.decoding-strategy], spec/cache.md) turns the routed prefill's last logits and an unrouted decode step
-into generated tokens; ``greedy`` is the only one. Each is looked up by name in its registry.
+into generated tokens: ``greedy`` here, ``ssd`` (self-speculative decoding with a twig) in reference/ssd.py.
+Each is looked up by name in its registry.
 
 Notation: B batch, T padded length, D hidden, V vocabulary, n generated tokens.
 """

@@ -109,13 +109,23 @@ class RotaryIds:
 
 @dataclass(frozen=True)
 class AttentionParts:
-    """[scoring.probe.projection] What the probe replicates of one decoder layer: norm, q/k projections."""
+    """[scoring.probe.projection] What the probe replicates of one decoder layer: norm, q/k projections.
+
+    Attributes:
+        q_norm, k_norm: per-head norms over ``head_dim`` applied after the projection and before RoPE
+            (Qwen3-VL, Qwen3.5; [hosts.qk-norm]); None where the layer has none.
+        query_gate: ``q_proj`` gives ``[query, gate]`` per head (``2·head_dim``); the probe reads the query half
+            ([hosts.gated-query]).
+    """
 
     input_norm: nn.Module
     q_proj: nn.Module
     k_proj: nn.Module
     head_dim: int
     scaling: float
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+    query_gate: bool = False
 
 
 @runtime_checkable
@@ -124,7 +134,7 @@ class Host(Protocol):
 
     Positions here are ranks among a sample's valid tokens; ``rotary_embeddings`` and ``decode_positions``
     turn them into what the host's own rotary takes. ``layer_kinds[l]`` is ``"softmax"`` or ``"linear"``
-    attention; routing supports softmax layers only today.
+    attention (a hybrid host's linear layers follow spec/hosts.md).
     """
 
     model: nn.Module
@@ -209,6 +219,8 @@ class DecoderHost:
     """
 
     rotary_axes: int = 1  # ids per token the rotary takes: 1 (RoPE) or 3 (mRoPE)
+    query_gate: bool = False  # q_proj gives [query, gate] per head ([hosts.gated-query])
+    deepstack_levels: int = 0  # visual features added after layers 0 .. levels-1 ([hosts.deepstack])
 
     def __init__(self, model: nn.Module):
         name = type(model).__name__
@@ -245,9 +257,18 @@ class DecoderHost:
 
     def attention_parts(self, layer: nn.Module) -> AttentionParts:
         """[scoring.probe.projection] The layer's input norm, q/k projections (with their biases, if any), head
-        dim and scaling."""
+        dim and scaling; its q/k norms where it has them ([hosts.qk-norm])."""
         attn = layer.self_attn
-        return AttentionParts(layer.input_layernorm, attn.q_proj, attn.k_proj, attn.head_dim, attn.scaling)
+        return AttentionParts(
+            layer.input_layernorm,
+            attn.q_proj,
+            attn.k_proj,
+            attn.head_dim,
+            attn.scaling,
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            query_gate=self.query_gate,
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[routing.output] The host's final norm and head: ``[..., D] -> [..., V]``."""

@@ -15,10 +15,11 @@ import torch
 
 from .archs import ArchSpec
 from .flops import TRUE_COMPONENTS, avg_visual_tokens, kv_entry_bytes
+from .flops_linear import LINEAR_COMPONENTS
 
 
 def _sum_components(parts: Sequence[Mapping[str, int]], names: Sequence[str]) -> dict[str, int]:
-    return {name: sum(p[name] for p in parts) for name in names}
+    return {name: sum(p.get(name, 0) for p in parts) for name in names}  # a linear layer has no proj_q
 
 
 def _summed(items: str, attr: str, doc: str | None = None) -> property:
@@ -119,7 +120,11 @@ class SampleBudget:
 
     @property
     def flops_true_by_component(self) -> dict[str, int]:
-        return _sum_components([layer.flops_true for layer in self.layers], TRUE_COMPONENTS)
+        parts = [layer.flops_true for layer in self.layers]
+        linear = tuple(
+            c for c in LINEAR_COMPONENTS if c not in TRUE_COMPONENTS and any(c in p for p in parts)
+        )
+        return _sum_components(parts, TRUE_COMPONENTS + linear)  # [budget.flops.linear] on a hybrid decoder
 
     flops_true = _summed(
         "layers", "flops_true_total", "[budget.flops.true] Decoder total (no probe, no LM head)."

@@ -18,14 +18,24 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .cache_policy import check_recompute, generated_mask, retained, retroactive_cut
-from .compat import call_layer
+from .cache_policy import check_cache_policy, check_recompute, generated_mask, retained, retroactive_cut
+from .compat import call_layer, new_cache
 from .hooks import vision_reducer
-from .host import Host, RotaryIds, SampleLayout, attention_implementation, bind_ids, causal_mask, host_for
+from .host import (
+    Host,
+    RotaryIds,
+    SampleLayout,
+    attention_implementation,
+    bind_ids,
+    causal_mask,
+    host_for,
+)
+from .hybrid import check_host_config, embed_inputs, inject, layer_visual, run_linear_block
 from .schedule import RoutingConfig, RoutingError
 from .scoring import DecisionContext, probe_size, query_rows, reference_layer, runs_probe, scoring_method
 from .selection import ForcedSelection, candidate_pool, capped_k, check_forced, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
+from .twig import Twig, check_twig
 
 
 @dataclass
@@ -130,6 +140,7 @@ class Reference:
             the masks are explicit either way, so only the rounding order differs.
         reducer: the vision-side reducer applied before the decoder ([layout.vision-reducer]); only
             ``"identity"`` exists.
+        twig: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]), converted like the model.
     """
 
     def __init__(
@@ -141,6 +152,7 @@ class Reference:
         score_dtype: torch.dtype | None = None,
         attention: str = "eager",
         reducer: str = "identity",
+        twig: Twig | None = None,
     ):
         compute_dtype = config.compute_dtype if compute_dtype is None else compute_dtype
         if not compute_dtype.is_floating_point:
@@ -158,6 +170,17 @@ class Reference:
             model = copy.deepcopy(model).to(compute_dtype)
             self.host = host_for(model)
         config.schedule.check_layers(self.host.num_layers)
+        check_cache_policy(config.cache, self.host.layer_kinds)
+        check_twig(config, twig, self.host)  # [twig.ttp.score]
+        if twig is not None:  # converted like the model, and reading the (possibly copied) model's config
+            twig = copy.deepcopy(twig).to(compute_dtype).bind(model)
+        self.twig = twig
+        check_host_config(self.host, config)  # [hosts.linear.decisions] [hosts.deepstack]
+        if reducer != "identity" and getattr(self.host, "deepstack_levels", 0):
+            raise RoutingError(
+                "hosts.deepstack",
+                f"vision reducer {reducer!r} with a DeepStack host: its levels would not be reduced",
+            )
         self.scoring = scoring_method(config.scorer.kind)
         self.reducer = vision_reducer(reducer)
         self.model = model
@@ -192,7 +215,7 @@ class Reference:
             pixel_values = pixel_values.to(dtype)
         grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
         with torch.no_grad(), attention_implementation(self.model, self.attention):
-            embeds = host.embed(input_ids, pixel_values, **grid)  # [B, T, D]
+            embeds, levels = embed_inputs(host, input_ids, pixel_values, **grid)  # [B, T, D]; DeepStack
             layouts = host.layouts(input_ids, attention_mask, **grid)
             routed = [bool(layout.visual) for layout in layouts]
             check_forced(forced_selection, len(layouts), self.config.schedule.num_decisions, routed)
@@ -203,7 +226,8 @@ class Reference:
             caches, samples = [], []
             for b, layout in enumerate(layouts):
                 forced = None if forced_selection is None else forced_selection[b]
-                hidden, cache, sample = self._route_sample(embeds[b, layout.valid], layout, forced)
+                injected = tuple(level[b, layout.valid] for level in levels)  # [hosts.deepstack]
+                hidden, cache, sample = self._route_sample(embeds[b, layout.valid], layout, forced, injected)
                 hidden_out[b, layout.valid] = hidden
                 logits[b, layout.valid] = host.logits(hidden)
                 caches.append(cache)
@@ -212,9 +236,14 @@ class Reference:
         return PrefillResult(logits=logits, hidden=hidden_out, caches=caches, trace=trace)
 
     def _route_sample(
-        self, hidden: torch.Tensor, layout: SampleLayout, forced: Sequence[Sequence[int]] | None
+        self,
+        hidden: torch.Tensor,
+        layout: SampleLayout,
+        forced: Sequence[Sequence[int]] | None,
+        injected: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, SampleCache, SampleTrace]:
-        """Route one sample: ``hidden`` is ``[T_b, D]``, its merged input embeddings."""
+        """Route one sample: ``hidden`` is ``[T_b, D]``, its merged input embeddings; ``injected[j]`` ``[T_b, D]``
+        the DeepStack level added to the visual rows after layer ``j`` ([hosts.deepstack])."""
         config, schedule = self.config, self.config.schedule
         text, visual, N = layout.text, layout.visual, len(layout.visual)
         rotary = RotaryIds.from_layouts([layout])
@@ -222,7 +251,7 @@ class Reference:
             self.host, rotary
         )  # [layout.rotary-ids]: positions in, the sample's ids to the rotary
         generator = torch.Generator().manual_seed(config.scorer.seed)
-        cache, kv_positions = DynamicCache(), []
+        cache, kv_positions = new_cache(self.host.layer_kinds), []
         decisions: list[Decision] = []
         active_visual: list[tuple[int, ...]] = []
         selected: tuple[int, ...] | None = None
@@ -245,12 +274,19 @@ class Reference:
                 decisions.append(decision)
                 selected = decision.selected
             chosen = tuple(range(N)) if selected is None else selected  # [schedule.dense-prefix]
+            kind = self.host.layer_kinds[index]
+            chosen = layer_visual(kind, config.policy, config.linear_attention, N, chosen)
             active = sorted(text + tuple(visual[i] for i in chosen))
             previous_input = hidden
-            extra = (
-                () if generated is None else (generated,)
-            )  # the recompute only ([cache.policy.retroactive])
-            hidden = run_block(host, layer, hidden, active, cache, *extra)
+            if kind == "linear":  # [hosts.linear.semantics]
+                hidden = run_linear_block(layer, hidden, active, cache)
+            else:
+                extra = (
+                    () if generated is None else (generated,)
+                )  # the recompute ([cache.policy.retroactive])
+                hidden = run_block(host, layer, hidden, active, cache, *extra)
+            if index < len(injected):  # [hosts.deepstack]: inside the dense prefix (check_host_config)
+                hidden = inject(hidden, visual, injected[index])
             active_visual.append(chosen)
             kv_positions.append(torch.tensor(active))
         keep = retained(text, visual, selected) if config.cache == "retroactive" else None
@@ -287,6 +323,17 @@ class Reference:
             if config.policy == "remove"
             else range(layout.length)
         )
+        if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer and selects nothing
+            return Decision(
+                layer=layer_index,
+                stage=stage,
+                pool=pool,
+                scores=torch.zeros(N, dtype=self.score_dtype),
+                k=0,
+                selected=(),
+                probe_keys=0,
+                probe_queries=0,
+            )
         probing = runs_probe(self.scoring, config.scorer)
         queries = query_rows(text, visual, config.scorer.query) if probing else ()
         context = DecisionContext(
@@ -300,6 +347,7 @@ class Reference:
             generator=generator,
             score_dtype=self.score_dtype,
             scorer=config.scorer,
+            twig=self.twig,
             stage=stage,
             reference_states=self._reference_states,
             images=layout.images,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Literal
 
 import torch
 
 Policy = Literal["remove", "reroute"]
 POLICIES: tuple[str, ...] = ("remove", "reroute")
+#: What a deferred token does at a linear-attention layer ([hosts.linear.semantics]); the first is the default.
+LINEAR_SEMANTICS: tuple[str, ...] = ("dense", "bypass")
 
 
 class RoutingError(ValueError):
@@ -62,7 +65,17 @@ class Schedule:
                     "schedule.decision-layers",
                     f"decision layers {list(self.layers)} are not strictly increasing ({a} then {b})",
                 )
-        for value in self.keep:
+        for decision, value in enumerate(self.keep):
+            if (
+                value == 0 and self.unit == "count" and type(value) is int
+            ):  # [schedule.keep-zero]: the final wipe
+                if decision != len(self.keep) - 1:
+                    raise RoutingError(
+                        "schedule.keep-zero",
+                        f"keep target 0 at decision layer {self.layers[decision]}: a 0 is allowed only at the "
+                        f"last decision (layer {self.layers[-1]}), where every visual token leaves",
+                    )
+                continue
             if self.unit == "ratio":
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise RoutingError(
@@ -94,6 +107,8 @@ class Schedule:
         The cap by the pool size ([selection.pool-cap]) is applied by the selection, not here.
         """
         value = self.keep[decision]
+        if value == 0 and self.unit == "count":  # [schedule.keep-zero]: the final wipe
+            return 0
         if self.unit == "count":
             if value > num_visual:
                 raise RoutingError(
@@ -176,16 +191,34 @@ class Scorer:
     ([scoring.scorer.random]).
     """
 
-    kind: Literal["attention", "random", "clse"] = "attention"
+    kind: Literal["attention", "random", "twig", "clse"] = "attention"
     probe_layer: Literal["decision", "previous"] = "decision"
     query: Literal["last", "text-after-image"] = "last"
     seed: int = 0
+    twig_layers: int | None = None  # [twig.ttp.score]: the twig's T, checked against the twig routed with
     clse: ClseParams | None = None  # [clse.scorer]: the CLSE scorer's parameters, only with kind="clse"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("attention", "random", "clse"):
+        if self.kind not in ("attention", "random", "twig", "clse"):
             raise RoutingError(
-                "scoring.scorer", f"scorer kind {self.kind!r} is not 'attention', 'random' or 'clse'"
+                "scoring.scorer",
+                f"scorer kind {self.kind!r} is not 'attention', 'random', 'twig' or 'clse'",
+            )
+        if self.kind == "twig" and self.probe_layer != "decision":
+            raise RoutingError(
+                "twig.ttp.score",
+                f"probe_layer={self.probe_layer!r} with kind='twig': the twig scores at K and later decisions "
+                "use their own layer's probe (probe_layer='decision')",
+            )
+        if self.twig_layers is not None and (
+            self.kind != "twig"
+            or isinstance(self.twig_layers, bool)
+            or not isinstance(self.twig_layers, int)
+            or self.twig_layers < 1
+        ):
+            raise RoutingError(
+                "twig.ttp.score",
+                f"twig_layers={self.twig_layers!r} needs kind='twig' and an integer >= 1 (got kind {self.kind!r})",
             )
         if self.kind == "clse" and self.clse is None:
             object.__setattr__(self, "clse", ClseParams())
@@ -238,12 +271,18 @@ class RoutingConfig:
     policy: Policy = "reroute"
     scorer: Scorer = field(default_factory=Scorer)
     compute_dtype: torch.dtype = torch.float32
+    linear_attention: str = "dense"  # [hosts.linear.semantics]: only hybrid hosts have linear layers
     cache: CachePolicy = "per-layer"  # [cache.policy]
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_POLICIES:
             raise RoutingError(
                 "cache.policy", f"cache policy {self.cache!r} is not one of {list(CACHE_POLICIES)}"
+            )
+        if self.linear_attention not in LINEAR_SEMANTICS:
+            raise RoutingError(
+                "hosts.linear.semantics",
+                f"linear_attention {self.linear_attention!r} is not one of {list(LINEAR_SEMANTICS)}",
             )
         if self.policy not in POLICIES:
             raise RoutingError("selection.pool", f"policy {self.policy!r} is not one of {list(POLICIES)}")
@@ -285,6 +324,50 @@ _OURS_PDROP_RATIOS = {
 }
 
 
+def ttp_keep(
+    average: int | Fraction, *, num_layers: int, first_layer: int, final_wipe: int, num_visual: int
+) -> int:
+    """[twig.ttp.budget] [twig.ttp.final-wipe] R' = ceil((L·R̄ − K·N) / (F − K)), in exact arithmetic.
+
+    ``average`` is the target R̄ (an integer or a ``Fraction``); ``final_wipe == num_layers`` means no wipe.
+    """
+    L, K, F, N = num_layers, first_layer, final_wipe, num_visual
+    if not K < F <= L:
+        raise RoutingError(
+            "twig.ttp.final-wipe", f"final-wipe layer F={F} must satisfy K < F <= L (K={K}, L={L})"
+        )
+    if isinstance(average, bool) or not isinstance(average, (int, Fraction)):
+        raise RoutingError("twig.ttp.budget", f"target average {average!r} is not an integer or a Fraction")
+    kept = math.ceil(Fraction(L * average - K * N, F - K))
+    if not 1 <= kept <= N:
+        raise RoutingError(
+            "twig.ttp.budget",
+            f"target average R̄={average} gives R'={kept}, outside 1..N={N}: R̄ must lie in "
+            f"({Fraction(K * N, L)}, {Fraction(K * N + (F - K) * N, L)}] for L={L}, K={K}, F={F}",
+        )
+    return kept
+
+
+def ttp_config(
+    average: int | Fraction,
+    *,
+    num_layers: int,
+    first_layer: int,
+    final_wipe: int,
+    num_visual: int,
+    twig_layers: int | None = None,
+) -> RoutingConfig:
+    """[twig.ttp.final-wipe] TTP for a target average: decisions ``(K, F)`` keeping ``(R', 0)``, or ``(K,)`` at F = L."""
+    kept = ttp_keep(
+        average, num_layers=num_layers, first_layer=first_layer, final_wipe=final_wipe, num_visual=num_visual
+    )
+    if final_wipe == num_layers:
+        schedule = Schedule((first_layer,), (kept,), unit="count")
+    else:
+        schedule = Schedule((first_layer, final_wipe), (kept, 0), unit="count")
+    return RoutingConfig(schedule, policy="remove", scorer=Scorer(kind="twig", twig_layers=twig_layers))
+
+
 def _build_presets() -> dict[str, RoutingConfig]:
     presets: dict[str, RoutingConfig] = {}
     for tier in (192, 128, 64):
@@ -312,6 +395,16 @@ def _build_presets() -> dict[str, RoutingConfig]:
         )
         presets[f"qwen25vl_ours_vs_pdrop_avg{tier}"] = RoutingConfig(
             Schedule((2, 6, 13, 20), _OURS_PDROP_RATIOS[tier]), policy="reroute"
+        )
+    # [twig.presets] TwigVLM's TTP (K = 2, T = 3, final wipe F = 24) and TTP + Reroute, LLaVA-1.5 (N = 576).
+    for tier in (192, 128, 64):
+        kept = ttp_keep(tier, num_layers=32, first_layer=2, final_wipe=24, num_visual=576)
+        twig = Scorer(kind="twig", twig_layers=3)
+        presets[f"twig_K2_T3_avg{tier}"] = RoutingConfig(
+            Schedule((2, 24), (kept, 0), unit="count"), policy="remove", scorer=twig
+        )
+        presets[f"twig_reroute_K2_T3_avg{tier}"] = RoutingConfig(
+            Schedule((2, 8, 16, 24), (kept, kept, kept, 0), unit="count"), policy="reroute", scorer=twig
         )
     presets["pdrop_default"] = RoutingConfig(Schedule((8, 16, 24), (0.5, 0.25, 0.125)), policy="remove")
     presets["fastv_K2_R50"] = RoutingConfig(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,14 +37,33 @@ def probe_probabilities(
     attn = host.attention_parts(layer)
     n, head_dim = states.shape[0], attn.head_dim
     x = attn.input_norm(states[None])  # [1, n, D]
-    q = attn.q_proj(x).view(1, n, -1, head_dim).transpose(1, 2)  # [1, H, n, hd]
-    k = attn.k_proj(x).view(1, n, -1, head_dim).transpose(1, 2)  # [1, H_kv, n, hd]
+    q = attn.q_proj(x).view(1, n, -1, 2 * head_dim if attn.query_gate else head_dim)
+    q = q[..., :head_dim]  # [1, n, H, hd]: [hosts.gated-query] the query half; the gate only scales outputs
+    k = attn.k_proj(x).view(1, n, -1, head_dim)  # [1, n, H_kv, hd]
+    if attn.q_norm is not None:  # [hosts.qk-norm]: per-head norms before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, H, n, hd], [1, H_kv, n, hd]
     cos, sin = host.rotary_embeddings(x, positions[None])
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k = rotary(q, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [1, H, n, hd]: each kv head serves its group
     logits = (q.to(score_dtype) @ k.to(score_dtype).transpose(-1, -2)) * attn.scaling  # [1, H, n, n]
     logits = logits + causal_mask(positions, positions, score_dtype)
     return torch.softmax(logits, dim=-1)[0]  # [H, n, n]
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[scoring.probe.projection] [hosts.partial-rotary] RoPE of ``q``/``k`` ``[1, heads, n, hd]`` by cos/sin ``[1, n, r]``.
+
+    The first ``r`` dims are rotated (HF's ``apply_rotary_pos_emb``), the other ``hd - r`` pass unchanged;
+    ``r = hd`` for every host but Qwen3.5 (``partial_rotary_factor``).
+    """
+    r = cos.shape[-1]
+    if r == q.shape[-1]:
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin)
+    return torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
 
 
 def query_rows(text: Sequence[int], visual: Sequence[int], variant: str) -> tuple[int, ...]:
@@ -125,6 +144,7 @@ class DecisionContext:
         generator: the sample's seeded CPU generator ([scoring.scorer.random]).
         score_dtype: float32, or float64 in a float64 reference ([scoring.probe.softmax]).
         scorer: the scorer's configuration.
+        twig: the twig routed with, for ``kind="twig"`` ([twig.ttp.score]); None otherwise.
         stage: the decision's index ``s`` ([clse.stages]).
         reference_states: ``[T_b, D]`` the states entering the scorer's reference layer, for a scorer that
             has one (CLSE, [clse.reference-layer]); None otherwise.
@@ -141,6 +161,7 @@ class DecisionContext:
     generator: torch.Generator
     score_dtype: torch.dtype
     scorer: Scorer
+    twig: Any = None
     stage: int = 0
     reference_states: torch.Tensor | None = None
     images: tuple[ImageSpan, ...] = ()

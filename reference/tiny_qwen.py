@@ -113,12 +113,13 @@ def _key(seed: int, *parts: tuple[int, ...]) -> int:
 
 
 def make_qwen_batch(
-    samples: Sequence[QwenSample], *, padding: str = "left", seed: int = 0
+    samples: Sequence[QwenSample], *, padding: str = "left", seed: int = 0, patch_columns: int = PATCH_COLUMNS
 ) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` ``[B, T]``; with images, ``pixel_values`` and ``image_grid_thw``.
 
     Every sample's text and every image's pixels come from generators seeded by ``seed`` and the sample's
     own layout (not its index), so that a sample built alone equals itself inside a batch.
+    ``patch_columns``: the tower's flattened patch width (1176 for 14-px patches, 1536 for Qwen3's 16-px).
     """
     if padding not in ("left", "right"):
         raise ValueError(f"padding={padding!r} is not 'left' or 'right'")
@@ -132,7 +133,7 @@ def make_qwen_batch(
                 gh, gw = spec.grids[i]
                 ids += [VISION_START_ID] + [IMAGE_TOKEN_ID] * (gh * gw // 4) + [VISION_END_ID]
                 image_gen = torch.Generator().manual_seed(_key(seed, (i, gh, gw)))
-                pixels.append(torch.randn(gh * gw, PATCH_COLUMNS, generator=image_gen))
+                pixels.append(torch.randn(gh * gw, patch_columns, generator=image_gen))
                 grids.append((1, gh, gw))
         rows.append(ids)
     T = max(len(r) for r in rows)

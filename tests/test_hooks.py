@@ -46,7 +46,7 @@ def test_greedy_strategy_takes_the_argmax_and_never_feeds_the_last_token():
     tokens = decoding_strategy("greedy")(first, step, 3)
     assert tokens.tolist() == [[1, 2, 3], [0, 1, 2]]
     assert fed == [(0, [1, 0]), (1, [2, 1])]
-    assert list(STRATEGIES) == ["greedy"]
+    assert list(STRATEGIES) == ["greedy", "ssd"]  # ssd: reference/ssd.py (spec/twig.md)
 
 
 @pytest.mark.spec("cache.decoding-strategy")

@@ -44,8 +44,10 @@ def reversed_scorer():
 def test_builtin_kinds_are_registered():
     assert isinstance(scoring_method("attention"), AttentionProbe)
     assert isinstance(scoring_method("random"), RandomBaseline)
-    with pytest.raises(RoutingError, match=r"scorer kind 'twig' is not registered.*\[rule scoring.scorer\]"):
-        scoring_method("twig")
+    with pytest.raises(
+        RoutingError, match=r"scorer kind 'no-such-kind' is not registered.*\[rule scoring.scorer\]"
+    ):
+        scoring_method("no-such-kind")
 
 
 @pytest.mark.spec("scoring.scorer", "selection.topk")

@@ -108,5 +108,5 @@ def test_random_scorer_is_seeded_per_sample(llava, single):
     for decision in sample.decisions:
         expected = torch.rand(16, generator=gen, dtype=torch.float64).float()
         assert torch.equal(decision.scores, expected)
-    with pytest.raises(RoutingError, match="scorer kind 'twig'.*scoring.scorer"):
-        Scorer(kind="twig")
+    with pytest.raises(RoutingError, match="scorer kind 'no-such-kind'.*scoring.scorer"):
+        Scorer(kind="no-such-kind")

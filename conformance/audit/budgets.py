@@ -91,10 +91,13 @@ def audit_run(
     :func:`budget_from_trace`: realized and nominal avg_T, the four FLOP conventions, probes per decision,
     LM head, KV entries and bytes; reductions against ``dense`` when given.
     """
-    trace = schedule_trace(config, num_text=num_text, num_visual=num_visual, num_layers=arch.num_layers)
+    kinds = arch.layer_kinds  # [hosts.linear.semantics]: a hybrid decoder's linear layers
+    trace = schedule_trace(
+        config, num_text=num_text, num_visual=num_visual, num_layers=arch.num_layers, layer_kinds=kinds
+    )
     sample_trace = trace.samples[0]
     sample = budget_from_trace(trace, arch, kv_dtype=kv_dtype, config=config).samples[0]
-    nominal_counts = nominal_visual_counts(config, num_visual, arch.num_layers)
+    nominal_counts = nominal_visual_counts(config, num_visual, arch.num_layers, kinds)
     decisions = _decision_records(config, sample_trace, sample, num_visual)
     flops = {
         "true": sample.flops_true,

@@ -44,6 +44,7 @@ from .inputs import (
 from .models import ModelInfo, resolve_model
 from .solver import default_solves, identical_schedule, solve
 from .trace import traced_run
+from .twig import twig_records
 
 # ---------------------------------------------------------------------------------------------
 # The audit, step by step
@@ -354,6 +355,7 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str], progress: Progress)
         "trace": trace,
         "notes": notes,
         "files": {},
+        "twig": twig_records(schedules, arch, setting),  # [twig.budget]
     }
 
 

@@ -27,6 +27,7 @@ from .cells import (
     stage_lengths,
 )
 from .report_md_runs import solver_md, trace_md
+from .twig import twig_md
 
 # ---------------------------------------------------------------------------------------------
 # Markdown
@@ -374,6 +375,7 @@ def render_markdown(report: dict) -> str:
         _lm_head_md(report),
         solver_md(report),
         trace_md(report, plots),
+        twig_md(report),
     ]
     if report["notes"]:
         sections.append("## Notes\n\n" + "\n".join(f"- {note}" for note in report["notes"]))

@@ -17,6 +17,7 @@ from .cells import (
     policy_cell,
     rows,
 )
+from .twig import twig_lines
 
 
 def summary_table(report: dict) -> str:
@@ -94,4 +95,5 @@ def summary_table(report: dict) -> str:
             for s in reroute["stages"]
         )
         out += ["", f"Traced tiny LLaVA (reroute, {reroute['num_visual']} visual tokens): {per_stage}"]
+    out += twig_lines(report)  # [twig.budget]
     return "\n".join(out)

@@ -29,10 +29,18 @@ from hypothesis import strategies as st
 from transformers import LlavaConfig
 
 from rerouting.reference.host_qwen import MROPE_ISSUE, mrope_release_ok
+from rerouting.reference.host_qwen3 import qwen3_release_refusal
 from rerouting.reference.tiny import tiny_llava, tiny_llava_config
 from rerouting.reference.tiny_qwen import IMAGE_TOKEN_ID as QWEN_IMAGE_TOKEN_ID
-from rerouting.reference.tiny_qwen import tiny_qwen, tiny_qwen_config
+from rerouting.reference.tiny_qwen import PATCH_COLUMNS, tiny_qwen, tiny_qwen_config
 from rerouting.reference.tiny_qwen2 import tiny_qwen2, tiny_qwen2_config
+from rerouting.reference.tiny_qwen3 import (
+    PATCH_COLUMNS_16,
+    tiny_qwen3vl,
+    tiny_qwen3vl_config,
+    tiny_qwen35,
+    tiny_qwen35_config,
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -44,6 +52,9 @@ PATCH = 2  # CLIP patch size; an image of grid x grid patches gives grid**2 visu
 VOCAB = 64
 TIE_MODES = ("none", "exact", "near-3", "near-5", "near-7")
 FAMILIES = ("llava", "qwen2.5-vl")
+#: The Qwen3-family hosts (spec/hosts.md): drawn by the properties of conformance/test_hosts_qwen3.py only,
+#: whose cases respect their schedule rules (``d_0 >= L_ds`` on Qwen3-VL; decisions at softmax layers on Qwen3.5).
+QWEN3_FAMILIES = ("qwen3-vl", "qwen3.5")
 #: Qwen2-VL (the Qwen2.5-VL host's rules on ``Qwen2VLForConditionalGeneration``) is not in the family draw;
 #: properties that want it (the CLSE scorer's, published on Qwen2-VL) turn a drawn Qwen2.5-VL host into it.
 QWEN_FAMILIES = ("qwen2.5-vl", "qwen2-vl")
@@ -53,6 +64,8 @@ def release_refuses(family: str) -> str | None:
     """Why the installed transformers cannot serve ``family`` at all (the Qwen host refuses the mRoPE bug)."""
     if family in QWEN_FAMILIES and not mrope_release_ok():
         return f"transformers {importlib.metadata.version('transformers')} has the Qwen mRoPE bug ({MROPE_ISSUE})"
+    if family in QWEN3_FAMILIES:
+        return qwen3_release_refusal(family)
     return None
 
 
@@ -63,7 +76,11 @@ HOST_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen2-vl": "Qwen2VLForConditionalGeneration",
+    "qwen3-vl": "Qwen3VLForConditionalGeneration",
+    "qwen3.5": "Qwen3_5ForConditionalGeneration",
 }
+#: The Qwen3 families the installed transformers serves.
+QWEN3_SERVED = tuple(family for family in QWEN3_FAMILIES if release_refuses(family) is None)
 #: Qwen image grids ``(gh, gw)`` in 14-px patches; each gives ``gh·gw/4`` visual tokens (1, 2, 2, 3, 4).
 QWEN_GRIDS = ((2, 2), (2, 4), (4, 2), (2, 6), (4, 4))
 
@@ -88,7 +105,20 @@ class HostSpec:
 
     @property
     def is_qwen(self) -> bool:
-        return self.family in QWEN_FAMILIES
+        """Any Qwen family: images with grids, mRoPE ids (Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3.5)."""
+        return self.family != "llava"
+
+    @property
+    def patch_columns(self) -> int:
+        """Flattened patch width of a Qwen vision tower (14-px patches on Qwen2.5-VL, 16-px on Qwen3)."""
+        return PATCH_COLUMNS if self.family in QWEN_FAMILIES else PATCH_COLUMNS_16
+
+    @property
+    def softmax_layers(self) -> tuple[int, ...]:
+        """The layers a decision may use: every layer, on Qwen3.5 the full-attention ones (odd layers)."""
+        if self.family == "qwen3.5":
+            return tuple(range(1, self.num_layers, 2))
+        return tuple(range(self.num_layers))
 
     @property
     def model_class(self) -> str:
@@ -122,7 +152,12 @@ class HostSpec:
         return config
 
     def qwen_config(self):
-        config = tiny_qwen_config(num_layers=self.num_layers, attn_implementation=self.attention)
+        if self.family == "qwen3-vl":
+            config = tiny_qwen3vl_config(num_layers=self.num_layers, attn_implementation=self.attention)
+        elif self.family == "qwen3.5":
+            config = tiny_qwen35_config(num_layers=self.num_layers, attn_implementation=self.attention)
+        else:
+            config = tiny_qwen_config(num_layers=self.num_layers, attn_implementation=self.attention)
         config.text_config.num_key_value_heads = self.num_kv_heads
         config.text_config.intermediate_size = self.intermediate_size
         return config
@@ -140,6 +175,8 @@ def _make_ties(model, ties: str) -> None:
     factor = 0.0 if ties == "exact" else 10.0 ** -int(ties.split("-")[1])
     with torch.no_grad():
         for layer in model.model.language_model.layers:
+            if not hasattr(layer, "self_attn"):  # a linear-attention layer (Qwen3.5): nothing is probed there
+                continue
             layer.self_attn.q_proj.weight.mul_(factor)
             if layer.self_attn.q_proj.bias is not None:  # Qwen's q bias: q = 0 needs it zeroed too
                 layer.self_attn.q_proj.bias.mul_(factor)
@@ -152,6 +189,9 @@ def build_model(host: HostSpec, dtype: str = "float32", device: str = "cpu"):
         return copy.deepcopy(build_model(host)).to(device=device, dtype=DTYPES[dtype])
     if host.family == "qwen2-vl":
         model = tiny_qwen2(host.qwen2_config(), seed=host.seed)
+    elif host.family in QWEN3_FAMILIES:
+        build = tiny_qwen3vl if host.family == "qwen3-vl" else tiny_qwen35
+        model = build(host.qwen_config(), seed=host.seed)
     elif host.is_qwen:
         model = tiny_qwen(host.qwen_config(), seed=host.seed)
     else:
@@ -167,8 +207,8 @@ def build_model64(host: HostSpec, dtype: str = "float32"):
     return copy.deepcopy(build_model(host, dtype)).to(torch.float64)
 
 
-def as_qwen(host: HostSpec) -> HostSpec:
-    """The Qwen2.5-VL host drawn from ``host``'s draws: its layers, KV heads, MLP width, seed, ties, kernel."""
+def as_qwen(host: HostSpec, family: str = "qwen2.5-vl") -> HostSpec:
+    """The Qwen host (``family``) drawn from ``host``'s draws: its layers, KV heads, MLP width, seed, ties, kernel."""
     return HostSpec(
         num_layers=host.num_layers,
         hidden_size=64,
@@ -180,7 +220,7 @@ def as_qwen(host: HostSpec) -> HostSpec:
         seed=host.seed,
         ties=host.ties,
         attention=host.attention,
-        family="qwen2.5-vl",
+        family=family,
     )
 
 

@@ -103,7 +103,9 @@ class Layout:
         """``input_ids``, ``attention_mask``, (if any image) ``pixel_values`` and on Qwen ``image_grid_thw`` (CPU)."""
         if host.is_qwen:
             specs = [QwenSample(runs, g) for runs, g in zip(self.samples, self._grids())]
-            return make_qwen_batch(specs, padding=self.padding, seed=self.seed)
+            return make_qwen_batch(
+                specs, padding=self.padding, seed=self.seed, patch_columns=host.patch_columns
+            )
         specs = [SampleSpec(runs) for runs in self.samples]
         return make_batch(host.llava_config(), specs, padding=self.padding, seed=self.seed)
 
@@ -366,7 +368,8 @@ def presets(num_layers: int = 32) -> st.SearchStrategy[str]:
 
     Presets with absolute keep counts (CLSE's LLaVA ``clse_*``: 110 and more) need more visual tokens than a
     tiny host has; tests/test_clse_generate.py runs them at LLaVA-1.5's 576. Presets of another scorer than
-    the attention probe are drawn by that scorer's own properties (the CLSE ones: test_scoring_clse.py).
+    the attention probe are drawn by that scorer's own properties (CLSE: test_scoring_clse.py, twig:
+    test_twig.py).
     """
     fits = lambda c: (  # noqa: E731  (CLSE's presets: conformance/test_scoring_clse.py)
         max(c.schedule.layers) < num_layers and c.schedule.unit == "ratio" and c.scorer.kind == "attention"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rerouting.reference import RoutingConfig, candidate_pool, capped_k
+from rerouting.reference import RoutingConfig, candidate_pool, capped_k, host_for
+from rerouting.reference.hybrid import layer_visual
 from rerouting.reference.scoring import probe_size, query_rows
 
 from ..protocol import check, fail
@@ -33,11 +34,12 @@ def check_structure(obs: Observation) -> None:
     check(
         trace.num_layers == L, "schedule.stages", f"trace.num_layers={trace.num_layers}, the decoder has {L}"
     )
+    kinds = host_for(case.model64()).layer_kinds  # [hosts.linear.semantics]: what a linear layer runs on
     for b, (layout, sample) in enumerate(zip(obs.layouts, trace.samples)):
-        _check_sample(config, L, b, layout, sample)
+        _check_sample(config, L, b, layout, sample, kinds)
 
 
-def _check_sample(config: RoutingConfig, L: int, b: int, layout, sample) -> None:
+def _check_sample(config: RoutingConfig, L: int, b: int, layout, sample, kinds=None) -> None:
     """One sample: its layout, its decisions in order, and the active visual set of every layer."""
     schedule = config.schedule
     where = f"sample {b}"
@@ -74,7 +76,7 @@ def _check_sample(config: RoutingConfig, L: int, b: int, layout, sample) -> None
         selected = _check_decision(
             config, f"sample {b}, decision {s} (layer {schedule.layers[s]})", s, layout, decision, selected
         )
-    _check_active_sets(schedule, L, b, N, sample)
+    _check_active_sets(schedule, L, b, N, sample, config, kinds)
 
 
 def _check_decision(config: RoutingConfig, where: str, s: int, layout, decision, selected) -> tuple[int, ...]:
@@ -127,7 +129,14 @@ def _check_decision(config: RoutingConfig, where: str, s: int, layout, decision,
         "scoring.probe.head-mean",
         f"{where}: scores have shape {tuple(decision.scores.shape)}, expected one per visual token ({N},)",
     )
-    if config.scorer.kind == "attention":
+    if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer
+        check(
+            decision.probe_keys == decision.probe_queries == 0,
+            "schedule.keep-zero",
+            f"{where}: a k = 0 decision records a probe of {decision.probe_keys} keys, {decision.probe_queries} "
+            "query rows (no scorer runs)",
+        )
+    elif config.scorer.kind in ("attention", "twig"):
         _check_probe(config, where, layout, pool, decision)
     return chosen
 
@@ -149,11 +158,21 @@ def _check_probe(config: RoutingConfig, where: str, layout, pool: tuple[int, ...
     )
 
 
-def _check_active_sets(schedule, L: int, b: int, N: int, sample) -> None:
-    """Every layer's active visual set: all N in the dense prefix, else the selection of its stage."""
+def _check_active_sets(schedule, L: int, b: int, N: int, sample, config=None, kinds=None) -> None:
+    """Every layer's active visual set: all N in the dense prefix, else the selection of its stage (at a
+    linear-attention layer, the set its semantics names, [hosts.linear.semantics])."""
     for layer in range(L):
         stage = schedule.stage_of(layer)
         expected = tuple(range(N)) if stage is None else tuple(sample.decisions[stage].selected)
+        if kinds is not None and kinds[layer] == "linear":
+            expected = layer_visual("linear", config.policy, config.linear_attention, N, expected)
+            if tuple(sample.active_visual[layer]) != expected:
+                fail(
+                    "hosts.linear.semantics",
+                    f"sample {b}, linear layer {layer}: ran on visual {list(sample.active_visual[layer])}, "
+                    f"expected {list(expected)} ({config.linear_attention}, {config.policy})",
+                )
+            continue
         check(
             tuple(sample.active_visual[layer]) == expected,
             "schedule.dense-prefix" if stage is None else "schedule.stages",

@@ -250,6 +250,8 @@ def _decide(parts, config, sample, stage, hidden, previous_input, selected, gene
     if schedule.unit == "count" and target > N:
         raise _error("schedule.keep-count", f"keep count {target} at layer {layer_index} exceeds N={N}")
     k = min(int(target) if schedule.unit == "count" else max(1, math.floor(N * target)), len(pool))
+    if k == 0:  # [schedule.keep-zero]: the final wipe selects nothing and runs no scorer
+        return Decision(layer_index, stage, pool, torch.zeros(N), 0, (), 0, 0)
     if config.scorer.kind == "random":  # [scoring.scorer.random]: no probe
         scores = torch.rand(N, generator=generator, dtype=torch.float64).to(torch.float32)
         probe_keys = probe_queries = 0

@@ -7,7 +7,7 @@ in this folder (``reference/archs/``) and load with :func:`load_arch`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ ARCH_DIR = Path(__file__).resolve().parent
 _LLAMA_FAMILY = ("llama", "mistral")
 # Qwen2 attention: q/k/v projections carry a bias, o_proj does not; no MLP bias.
 _QWEN2_FAMILY = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+# Qwen3 attention (q/k norms; no bias unless config.attention_bias); Qwen3.5 adds the gated query and linear layers.
+_QWEN3_FAMILY = ("qwen3_vl_text", "qwen3_5_text")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ class ArchSpec:
         o_proj_bias: whether the output projection carries a bias; ``None`` means "same as
             ``attention_bias``" (LLaMA's ``config.attention_bias`` covers all four projections;
             Qwen2 biases q/k/v but not o).
+        layer_kinds: per layer ``"softmax"`` or ``"linear"`` ([budget.flops.linear]); empty: all softmax.
+        query_gate: the softmax layers' q projection gives query and gate (``2·H·hd``, Qwen3.5).
+        deepstack_levels: DeepStack levels of the vision tower (Qwen3-VL, [hosts.deepstack]).
+        linear_key_heads, linear_value_heads, linear_key_dim, linear_value_dim, linear_conv_kernel: the
+            Gated DeltaNet shapes of the linear layers (0 without any).
     """
 
     name: str = field(compare=False)
@@ -54,6 +61,18 @@ class ArchSpec:
     attention_bias: bool
     mlp_bias: bool
     o_proj_bias: bool | None = None
+    layer_kinds: tuple[str, ...] = ()
+    query_gate: bool = False
+    deepstack_levels: int = 0
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    linear_conv_kernel: int = 0
+
+    def kind(self, layer: int) -> str:
+        """Layer ``layer``'s kind: ``"softmax"`` or ``"linear"`` ([budget.flops.linear])."""
+        return self.layer_kinds[layer] if self.layer_kinds else "softmax"
 
     def __post_init__(self) -> None:
         if self.o_proj_bias is None:
@@ -93,10 +112,14 @@ class ArchSpec:
             o_bias, mlp_bias = attention_bias, bool(getattr(cfg, "mlp_bias", False))
         elif model_type in _QWEN2_FAMILY:
             attention_bias, o_bias, mlp_bias = True, False, False
+        elif model_type in _QWEN3_FAMILY:
+            attention_bias = bool(getattr(cfg, "attention_bias", False))
+            o_bias, mlp_bias = attention_bias, False
         else:
             raise RoutingError(
                 "budget.flops.true",
-                f"text config model_type {model_type!r} is not supported; supported: {', '.join(_LLAMA_FAMILY + _QWEN2_FAMILY)}",
+                f"text config model_type {model_type!r} is not supported; supported: "
+                f"{', '.join(_LLAMA_FAMILY + _QWEN2_FAMILY + _QWEN3_FAMILY)}",
             )
         heads = int(cfg.num_attention_heads)
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -113,6 +136,7 @@ class ArchSpec:
             attention_bias=attention_bias,
             mlp_bias=mlp_bias,
             o_proj_bias=o_bias,
+            **_qwen3_fields(cfg, model_type),
         )
 
     @classmethod
@@ -132,16 +156,22 @@ class ArchSpec:
                 "budget.flops.true",
                 f"model class {type(model).__name__} has no model.language_model.layers to read shapes from",
             )
-        attn, mlp = layers[0].self_attn, layers[0].mlp
+        softmax = next((layer for layer in layers if hasattr(layer, "self_attn")), None)
+        if softmax is None:
+            raise RoutingError(
+                "budget.flops.true", f"model class {type(model).__name__} has no softmax layer"
+            )
+        attn, mlp = softmax.self_attn, softmax.mlp
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         head_dim = int(attn.head_dim)
+        gate = q.out_features == 2 * o.in_features  # [budget.flops.linear]: Qwen3.5's [query, gate] per head
         hidden = q.in_features
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         vocab = head.out_features if isinstance(head, nn.Linear) else text.embed_tokens.num_embeddings
         shapes_ok = (
             k.in_features == v.in_features == hidden
             and k.out_features == v.out_features
-            and o.in_features == q.out_features
+            and o.in_features * (2 if gate else 1) == q.out_features
             and o.out_features == hidden
             and mlp.up_proj.out_features == mlp.gate_proj.out_features == mlp.down_proj.in_features
             and mlp.down_proj.out_features == hidden
@@ -163,17 +193,62 @@ class ArchSpec:
             num_layers=len(layers),
             hidden_size=hidden,
             intermediate_size=mlp.gate_proj.out_features,
-            num_heads=q.out_features // head_dim,
+            num_heads=o.in_features // head_dim,
             num_kv_heads=k.out_features // head_dim,
             head_dim=head_dim,
             vocab_size=int(vocab),
             attention_bias=biases[0],
             mlp_bias=mlp_biases.pop(),
             o_proj_bias=o.bias is not None,
+            **_hybrid_modules(model, layers, gate),
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {
+            **asdict(self),
+            "layer_kinds": list(self.layer_kinds),
+        }  # JSON-shaped (a list, as it reads back)
+
+
+def _hybrid_modules(model: nn.Module, layers: nn.ModuleList, gate: bool) -> dict:
+    """[budget.flops.linear] [hosts.deepstack] Layer kinds, Gated DeltaNet shapes and DeepStack levels, read from
+    the modules (empty for a decoder of softmax layers without DeepStack)."""
+    out: dict = {}
+    linear = [layer.linear_attn for layer in layers if hasattr(layer, "linear_attn")]
+    if linear or gate:
+        out["layer_kinds"] = tuple(
+            "linear" if hasattr(layer, "linear_attn") else "softmax" for layer in layers
+        )
+        out["query_gate"] = gate
+    if linear:
+        la = linear[0]
+        out.update(
+            linear_key_heads=int(la.num_k_heads),
+            linear_value_heads=int(la.num_v_heads),
+            linear_key_dim=int(la.head_k_dim),
+            linear_value_dim=int(la.head_v_dim),
+            linear_conv_kernel=int(la.conv_kernel_size),
+        )
+    levels = len(getattr(getattr(model.model, "visual", None), "deepstack_merger_list", None) or ())
+    if levels:
+        out["deepstack_levels"] = levels
+    return out
+
+
+def _qwen3_fields(cfg: Any, model_type: str | None) -> dict:
+    """[budget.flops.linear] Qwen3.5's layer kinds, gated query and Gated DeltaNet shapes (empty for others)."""
+    if model_type != "qwen3_5_text":
+        return {}
+    kinds = {"full_attention": "softmax", "linear_attention": "linear"}
+    return {
+        "layer_kinds": tuple(kinds[t] for t in cfg.layer_types),
+        "query_gate": True,
+        "linear_key_heads": int(cfg.linear_num_key_heads),
+        "linear_value_heads": int(cfg.linear_num_value_heads),
+        "linear_key_dim": int(cfg.linear_key_head_dim),
+        "linear_value_dim": int(cfg.linear_value_head_dim),
+        "linear_conv_kernel": int(cfg.linear_conv_kernel_dim),
+    }
 
 
 def arch_names() -> tuple[str, ...]:
@@ -189,6 +264,9 @@ def _config_class(model_type: str) -> type:
         "qwen2_5_vl": transformers.Qwen2_5_VLConfig,
         "qwen2_vl": transformers.Qwen2VLConfig,
     }
+    for qwen3_type, name in (("qwen3_vl", "Qwen3VLConfig"), ("qwen3_5", "Qwen3_5Config")):
+        if hasattr(transformers, name):  # the embedded Qwen3 configs (not in every supported release)
+            classes[qwen3_type] = getattr(transformers, name)
     if model_type not in classes:
         raise RoutingError(
             "budget.flops.true", f"embedded config model_type {model_type!r} is not one of {sorted(classes)}"
@@ -211,4 +289,8 @@ def load_arch(name: str) -> tuple[Any, ArchSpec]:
         )
     data = json.loads((ARCH_DIR / f"{name}.json").read_text())
     config = _config_class(data.get("model_type", ""))(**data)
-    return config, ArchSpec.from_text_config(config.text_config, name=name)
+    spec = ArchSpec.from_text_config(config.text_config, name=name)
+    levels = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or ())
+    if levels:  # [hosts.deepstack]: Qwen3-VL's vision tower
+        spec = replace(spec, deepstack_levels=levels)
+    return config, spec
