@@ -105,3 +105,20 @@ def test_retroactive_budget_clse_avg64():
         (640 + 10 * 174 + 10 * 134 + 11 * 84) / (32 * 84)
     )
     assert cut.flops_true == per_layer.flops_true  # the prefill is the same
+
+
+@pytest.mark.spec("cache.policy.retroactive")
+def test_retroactive_is_refused_on_a_host_with_linear_layers():
+    from rerouting.reference.tiny_qwen3 import tiny_qwen35
+
+    try:
+        model = tiny_qwen35(seed=0)
+    except (ImportError, RoutingError) as error:  # a transformers without Qwen3.5, or one the host refuses
+        pytest.skip(f"no Qwen3.5 host here: {error}")
+    config = RoutingConfig(Schedule((1,), (0.5,)), cache="retroactive")
+    for build in (
+        lambda: Reference(model, config),
+        lambda: optimized.routed_prefill(model, config, torch.ones(1, 2, dtype=torch.long)),
+    ):
+        with pytest.raises(RoutingError, match=r"cache\.policy\.retroactive"):
+            build()
