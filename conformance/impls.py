@@ -94,11 +94,14 @@ class ReferenceImpl:
         forced_selection: ForcedSelection | None = None,
         image_grid_thw: torch.Tensor | None = None,
         twig: Any = None,
+        generated_from: int | None = None,
         **yardstick: Any,
     ) -> PrefillOutput:
         """``yardstick``: ``Reference``'s yardstick switches (compute_dtype, score_dtype, attention), for the oracle.
 
         ``twig``: the twig of a ``kind="twig"`` scorer ([twig.ttp.score]).
+        ``generated_from``: the oracle's recompute of decoding under the retroactive cache policy
+        ([cache.policy.retroactive]); only ever passed with it.
         """
         if not yardstick and next(model.parameters()).dtype == torch.float64:
             yardstick = {"compute_dtype": torch.float64}  # a float64 model runs (and scores) in float64
@@ -109,6 +112,8 @@ class ReferenceImpl:
         reference = Reference(self._cpu(model), config, **yardstick)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         grid = {} if image_grid_thw is None else {"image_grid_thw": cpu(image_grid_thw)}
+        if generated_from is not None:
+            grid["generated_from"] = generated_from
         result = reference.prefill(
             cpu(input_ids), cpu(attention_mask), cpu(pixel_values), forced_selection=forced_selection, **grid
         )
@@ -246,6 +251,18 @@ class Checked:
         ``reducers`` attribute (names) says; without one it is held to every reducer ([layout.vision-reducer])."""
         reducers = getattr(self.impl, "reducers", None)
         return reducers is None or name in reducers
+
+    def supports_scorer(self, kind: str) -> bool:
+        """Whether the implementation has the scorer ``kind`` ([scoring.scorer]): its optional ``scorers``
+        attribute (kinds) says; without one it is held to every kind the suite draws."""
+        scorers = getattr(self.impl, "scorers", None)
+        return scorers is None or kind in scorers
+
+    def supports_cache_policy(self, name: str) -> bool:
+        """Whether the implementation has the cache policy ``name`` ([cache.policy]): its optional
+        ``cache_policies`` attribute says; without one it is held to every policy."""
+        policies = getattr(self.impl, "cache_policies", None)
+        return policies is None or name in policies
 
     def prefill(
         self,

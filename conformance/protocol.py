@@ -188,6 +188,12 @@ class Implementation(Protocol):
     attention_mask, pixel_values, *, max_new_tokens, options)`` returning the tokens ``[B, n]`` and a
     ``rerouting.reference.ssd.SpeculationStats`` ([twig.ssd.lossless]). Without them those checks fail as a
     missing capability ("twig", "ssd_generate").
+
+    Scorers and cache policies (added compatibly with CLSE): ``config.scorer.kind`` may be ``"clse"``
+    (spec/clse.md, parameters in ``config.scorer.clse``) and ``config.cache`` ``"retroactive"``
+    ([cache.policy]); the CLSE checks also draw ``Qwen2VLForConditionalGeneration`` hosts where ``hosts``
+    allows. An implementation without them says so with optional ``scorers`` (kinds) and ``cache_policies``
+    (names) attributes: those checks are then skipped, saying so.
     """
 
     name: str

@@ -62,6 +62,31 @@ class RoutedCache(Cache):
         self.entries[layer_idx] = packing.lengths
         self.positions[layer_idx] = packing.index
 
+    def retroactive_cut(self, keep: torch.Tensor) -> None:
+        """[cache.policy.retroactive] Keep, in every layer, only the entries whose position ``keep`` marks.
+
+        ``keep`` ``[B, Tv + 1]`` bool by position (the trash row Tv False). Entries stay in cache order, right
+        padded to the widest sample again; called once, after prefill and before any decode step.
+        """
+        for index, layer in enumerate(self.layers):
+            positions, entries = self.positions[index], self.entries[index]  # [B, n_l], [B]
+            valid = torch.arange(positions.shape[1], device=positions.device)[None, :] < entries[:, None]
+            kept = keep.gather(1, positions) & valid  # [B, n_l]
+            order = torch.sort(
+                (~kept).to(torch.int8), dim=1, stable=True
+            ).indices  # kept entries first, in order
+            counts = kept.sum(dim=1)  # [B]
+            width = int(counts.max()) if counts.numel() else 0
+            order = order[:, :width]  # [B, n']
+            pad = torch.arange(width, device=positions.device)[None, :] >= counts[:, None]  # [B, n']
+            self.positions[index] = positions.gather(1, order).masked_fill(pad, keep.shape[1] - 1)
+            self.entries[index] = counts
+            rows = order.to(layer.keys.device)[:, None, :, None]  # [B, 1, n', 1]
+            layer.keys = layer.keys.gather(2, rows.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+            layer.values = layer.values.gather(
+                2, rows.expand(-1, layer.values.shape[1], -1, layer.values.shape[3])
+            )
+
     # --- the Cache interface ---------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Padded-batch columns seen so far (T + steps), matching the caller's growing attention mask."""

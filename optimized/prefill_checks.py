@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from rerouting.reference import Host, RoutingConfig, RoutingError, host_for
+from rerouting.reference.cache_policy import check_cache_policy
 from rerouting.reference.hooks import reducer_for
 from rerouting.reference.hybrid import check_host_config
 from rerouting.reference.scoring import scoring_method
@@ -29,8 +30,9 @@ def check_attention_implementation(host: Host) -> str:
 
 
 # [scoring.scorer] The registry keys (reference/scoring.py SCORERS) this path has a fast implementation for: the
-# attention probe fused and batched over the query rows only (scoring.py), the random baseline drawn per sample.
-FAST_SCORERS = ("attention", "random", "twig")  # twig: optimized/scoring_twig.py
+# attention probe fused and batched over the query rows only (scoring.py), the random baseline drawn per sample,
+# the CLSE gate batched over the images of each grid shape (scoring_clse.py).
+FAST_SCORERS = ("attention", "random", "twig", "clse")  # twig: optimized/scoring_twig.py
 
 
 def check_scorer(kind: str) -> None:
@@ -52,6 +54,7 @@ def check_host(model: nn.Module, config: RoutingConfig) -> tuple[Host, str]:
     check_host_config(host, config)  # [hosts.linear.decisions] [hosts.deepstack]
     check_scorer(config.scorer.kind)
     check_reducer(config)
+    check_cache_policy(config.cache, host.layer_kinds)  # [cache.policy.retroactive]
     return host, implementation
 
 

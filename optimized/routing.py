@@ -36,7 +36,14 @@ from rerouting.reference.compat import call_layer
 from rerouting.reference.hooks import VisionInputs, reducer_for
 from rerouting.reference.host import bind_ids
 from rerouting.reference.hybrid import embed_inputs, layer_visual
-from rerouting.reference.scoring import probe_size, query_rows, random_scores
+from rerouting.reference.scoring import (
+    probe_size,
+    query_rows,
+    random_scores,
+    reference_layer,
+    runs_probe,
+    scoring_method,
+)
 from rerouting.reference.selection import ForcedSelection, check_forced, forced_choice
 from rerouting.reference.twig import check_twig
 
@@ -54,6 +61,7 @@ from .packing import (
 )
 from .prefill_checks import FAST_SCORERS, check_attention_implementation, check_host, check_scorer  # noqa: F401
 from .scoring import probe_scores
+from .scoring_clse import clse_gates_batched
 from .scoring_twig import twig_scores
 from .selection import select_topk
 
@@ -94,6 +102,7 @@ class _Sample:
     generator: torch.Generator
     selected: tuple[int, ...] | None = None
     entering: tuple[int, ...] | None = None  # [nuwa.entering]: None, every visual token
+    images: tuple = ()  # ImageSpan per image, with its grid ([clse.grid])
 
     @property
     def entered(self) -> tuple[int, ...]:
@@ -158,6 +167,8 @@ class _Prefill(HybridLayers):
         cols = self._start_buffer(input_ids, attention_mask, embeds, use_cache)  # [B, Tv]
         self.levels = tuple(gather_rows(level, cols) for level in levels)  # [B, Tv, D]: buffer rows
         decisions, active_visual = self._run_layers(forced)
+        if self.cache is not None and self.config.cache == "retroactive":
+            self.cache.retroactive_cut(self._retained())  # [cache.policy.retroactive]
         self._sync()
         hidden, logits = self._outputs(cols, attention_mask, logits_to_keep)
         trace = self._trace(decisions, active_visual)
@@ -175,7 +186,12 @@ class _Prefill(HybridLayers):
         seed = self.config.scorer.seed
         self.samples = [
             _Sample(
-                lay.text, lay.visual, lay.length, torch.Generator().manual_seed(seed), entering=lay.entering
+                lay.text,
+                lay.visual,
+                lay.length,
+                torch.Generator().manual_seed(seed),
+                images=lay.images,
+                entering=lay.entering,
             )
             for lay in layouts
         ]
@@ -234,8 +250,13 @@ class _Prefill(HybridLayers):
         active_visual: list[list[tuple[int, ...]]] = [[] for _ in self.samples]
         early: torch.Tensor | None = None  # probe_layer="previous": scores computed before layer d-1
         routed = any(s.routed for s in self.samples)
-        previous = routed and config.scorer.kind == "attention" and config.scorer.probe_layer == "previous"
+        previous = (
+            routed and config.scorer.kind in ("attention", "clse") and config.scorer.probe_layer == "previous"
+        )
+        ref_layer, self.reference_visual = reference_layer(config.scorer), None
         for index, layer in enumerate(self.host.layers):
+            if routed and index == ref_layer:  # [clse.reference-layer]: dense prefix, compact row = position
+                self.reference_visual = gather_rows(self.x, self.visual_rows.clamp(min=0))  # [B, N, D]
             if routed and index in config.schedule.layers:
                 stage = config.schedule.layers.index(index)
                 for b, decision in enumerate(self._decide(stage, early, forced)):
@@ -349,15 +370,18 @@ class _Prefill(HybridLayers):
         config, schedule = self.config, self.config.schedule
         layer_index = schedule.layers[stage]
         scores = None
+        probing = runs_probe(scoring_method(config.scorer.kind), config.scorer)
         wipe = schedule.keep[stage] == 0  # [schedule.keep-zero]: no scorer runs
         twig_here = config.scorer.kind == "twig" and layer_index == self.twig.first_layer
         if wipe:
             pass
         elif twig_here:  # [twig.ttp.score]
             scores = twig_scores(self).cpu()
-        elif config.scorer.kind in ("attention", "twig"):
+        elif config.scorer.kind in ("attention", "twig", "clse") and probing:
             scores = early if early is not None else self._probe(self.host.layers[layer_index])
             scores = scores.cpu()  # [B, N] in the score dtype: float32, float64 in a float64 run
+        if not wipe and config.scorer.clse is not None and config.scorer.clse.spectral_at(stage):
+            scores = self._clse(scores)
         decisions: list[Decision | None] = []
         keep = self.is_text.clone()  # [B, Tv]: text is always active ([layout.text-set])
         for b, s in enumerate(self.samples):
@@ -373,10 +397,8 @@ class _Prefill(HybridLayers):
             elif scores is None:  # [scoring.scorer.random]: no probe runs
                 queries, sample_scores = (), random_scores(s.generator, N)
             else:
-                queries, sample_scores = (
-                    query_rows(s.text, s.visual, config.scorer.query),
-                    scores[b, :N].clone(),
-                )
+                queries = query_rows(s.text, s.visual, config.scorer.query) if probing else ()
+                sample_scores = scores[b, :N].clone()
             if forced is None:
                 chosen = select_topk(sample_scores, pool, k)
             else:
@@ -403,6 +425,28 @@ class _Prefill(HybridLayers):
         packing = pack(keep)  # [routing.active-set]
         self._enter(packing, gather_rows(self.buffer, packing.index), synced=True)  # [B, n, D]
         return decisions
+
+    def _clse(self, attention: torch.Tensor | None) -> torch.Tensor:
+        """[clse.scorer] [clse.variants] The CLSE gates ``[B, N]`` times the attention (``clse``: the gates alone)."""
+        self._sync()  # the buffer holds every token's state entering the decision layer
+        decision = gather_rows(self.buffer, self.visual_rows.clamp(min=0))  # [B, N, D]
+        counts = [len(s.visual) if s.routed else 0 for s in self.samples]
+        images = [s.images for s in self.samples]
+        gates = clse_gates_batched(
+            self.reference_visual, decision, images, counts, self.config.scorer.clse
+        ).cpu()
+        if attention is None:
+            return gates.to(torch.float64 if decision.dtype == torch.float64 else torch.float32)
+        return gates.to(attention.dtype) * attention
+
+    def _retained(self) -> torch.Tensor:
+        """[cache.policy.retroactive] ``[B, Tv + 1]`` bool: text and the final selection; all valid tokens if unrouted."""
+        keep = torch.zeros(len(self.samples), self.Tv + 1, dtype=torch.bool, device=self.device)
+        keep[:, : self.Tv] = self.is_text
+        for b, s in enumerate(self.samples):
+            chosen = range(len(s.visual)) if s.selected is None else s.selected
+            keep[b, [s.visual[i] for i in chosen]] = True
+        return keep
 
     # --- outputs -------------------------------------------------------------------------------------
     def _outputs(

@@ -3,8 +3,9 @@
 Every function implementing a spec rule names the rule ID in the first line of its docstring.
 """
 
-from . import (  # noqa: F401  (register the "twig" scorer and the "ssd" strategy)
+from . import (  # noqa: F401  (register the "twig" and "clse" scorers and the "ssd" strategy)
     compat,  # first: refuses an unsupported transformers before anything else touches it
+    scoring_clse,
     scoring_twig,
     ssd,
 )
@@ -21,10 +22,11 @@ from .host import (
     register_host,
 )
 from .host_qwen import Qwen2_5_VLHost
+from .host_qwen2 import Qwen2VLHost
 from .host_qwen3 import Qwen3_5Host, Qwen3VLHost
 from .nuwa import NuwaParams
 from .routing import PrefillResult, Reference, SampleCache, run_block
-from .schedule import POLICIES, PRESETS, RoutingConfig, RoutingError, Schedule, Scorer, preset
+from .schedule import POLICIES, PRESETS, ClseParams, RoutingConfig, RoutingError, Schedule, Scorer, preset
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
 from .twig import Twig
@@ -34,6 +36,7 @@ __all__ = [
     "POLICIES",
     "PRESETS",
     "AttentionParts",
+    "ClseParams",
     "Decision",
     "ForcedSelection",
     "Host",
@@ -41,6 +44,7 @@ __all__ = [
     "LlavaHost",
     "NuwaParams",
     "PrefillResult",
+    "Qwen2VLHost",
     "Qwen2_5_VLHost",
     "Qwen3VLHost",
     "Qwen3_5Host",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .archs import ArchSpec
+from .cache_policy import retroactive_lengths
 from .flops import (
     avg_visual_tokens,
     kv_decode_growth,
@@ -25,13 +26,14 @@ from .flops import (
     layer_flops_true,
     lm_head_flops,
     probe_flops,
+    spectral_flops,
 )
 from .flops_linear import linear_layer_flops_true, linear_state_bytes
 from .hooks import reducer_for
 from .hybrid import layer_visual
 from .records import BatchBudget, LayerBudget, ProbeBudget, SampleBudget
 from .schedule import RoutingConfig, RoutingError
-from .scoring import query_rows
+from .scoring import query_rows, runs_probe, scoring_method
 from .selection import candidate_pool, capped_k, select_topk
 from .trace import Decision, SampleTrace, Trace
 
@@ -112,7 +114,9 @@ def schedule_trace(
             entered = num_visual if entering is None else len(entering)
             keys = num_text + (len(pool) if config.policy == "remove" else entered)
             queries = len(query_rows(text, visual, config.scorer.query))
-            if config.scorer.kind == "random":  # no probe runs: [budget.flops.probe] costs zero
+            if not runs_probe(
+                scoring_method(config.scorer.kind), config.scorer
+            ):  # random, CLSE's `clse`: no probe
                 keys = queries = 0
             if k == 0:  # [schedule.keep-zero]: the final wipe runs no scorer
                 keys = queries = 0
@@ -197,7 +201,7 @@ def budget_from_trace(
             "budget.active-counts",
             f"trace has {trace.num_layers} layers but architecture {arch.name!r} has {arch.num_layers}",
         )
-    no_probe = config is not None and config.scorer.kind == "random"
+    no_probe = config is not None and not runs_probe(scoring_method(config.scorer.kind), config.scorer)
     samples = tuple(
         _sample_budget(sample, trace.num_layers, arch, kv_dtype, config, no_probe) for sample in trace.samples
     )
@@ -224,8 +228,8 @@ def _sample_budget(
             "budget.active-counts",
             f"sample records {len(sample.active_visual)} layers, trace says {num_layers}",
         )
-    layers = _layer_budgets(sample, arch, kv_dtype)
-    probes = _probe_budgets(sample, arch, no_probe)
+    layers = _layer_budgets(sample, arch, kv_dtype, None if config is None else config.cache)
+    probes = _probe_budgets(sample, arch, no_probe, config)
     nominal = None
     if config is not None:
         counts = nominal_visual_counts(config, sample.num_visual, num_layers, arch.layer_kinds)
@@ -241,14 +245,22 @@ def _sample_budget(
     )
 
 
-def _layer_budgets(sample: SampleTrace, arch: ArchSpec, kv_dtype: torch.dtype) -> tuple[LayerBudget, ...]:
+def _layer_budgets(
+    sample: SampleTrace, arch: ArchSpec, kv_dtype: torch.dtype, cache_policy: str | None = None
+) -> tuple[LayerBudget, ...]:
     """[budget.flops.true] [budget.flops.fastv] [budget.flops.pdrop] [budget.flops.nuwa] [budget.kv.entries] [budget.kv.bytes] Per layer.
 
     Layer l runs visual_l visual tokens (the trace's ``active_visual``) and n_l = M + visual_l in all; the four
-    FLOP conventions over n_l (true, FastV) or visual_l (PDrop, NUWA), the cache entries and their bytes.
+    FLOP conventions over n_l (true, FastV) or visual_l (PDrop, NUWA), the cache entries and their bytes: the
+    trace's ``kv_lengths``, or under the ``retroactive`` cache policy M + |A_{S-1} ∩ active_l|
+    ([cache.policy.retroactive]).
     """
+    kv_lengths = sample.kv_lengths
+    if cache_policy == "retroactive":
+        final = sample.decisions[-1].selected if sample.decisions else None
+        kv_lengths = retroactive_lengths(sample.num_text, sample.active_visual, final)
     layers = []
-    for index, (visual, entries) in enumerate(zip(sample.layer_visual_counts, sample.kv_lengths)):
+    for index, (visual, entries) in enumerate(zip(sample.layer_visual_counts, kv_lengths)):
         tokens = sample.num_text + visual
         if arch.kind(index) == "linear":  # [budget.flops.linear] [budget.kv.state-bytes]: no K/V entries
             flops, entries, cache_bytes = (
@@ -274,15 +286,19 @@ def _layer_budgets(sample: SampleTrace, arch: ArchSpec, kv_dtype: torch.dtype) -
     return tuple(layers)
 
 
-def _probe_budgets(sample: SampleTrace, arch: ArchSpec, no_probe: bool) -> tuple[ProbeBudget, ...]:
-    """[budget.flops.probe] Per decision the probe from the recorded sizes; zero cost where no probe runs."""
-    return tuple(
-        ProbeBudget(
-            d.layer,
-            d.stage,
-            d.probe_keys,
-            d.probe_queries,
-            probe_flops(arch, 0, 0) if no_probe else probe_flops(arch, d.probe_keys, d.probe_queries),
-        )
-        for d in sample.decisions
-    )
+def _probe_budgets(
+    sample: SampleTrace, arch: ArchSpec, no_probe: bool, config: RoutingConfig | None = None
+) -> tuple[ProbeBudget, ...]:
+    """[budget.flops.probe] [clse.flops] Per decision the probe from the recorded sizes; zero cost where no probe runs.
+
+    A CLSE decision that uses the spectral term adds its FLOPs as the component ``spectral`` (one image of N
+    tokens: the trace records no images).
+    """
+    clse = None if config is None else config.scorer.clse
+    probes = []
+    for d in sample.decisions:
+        flops = probe_flops(arch, 0, 0) if no_probe else probe_flops(arch, d.probe_keys, d.probe_queries)
+        if clse is not None and clse.spectral_at(d.stage):
+            flops["spectral"] = spectral_flops(arch, [sample.num_visual])
+        probes.append(ProbeBudget(d.layer, d.stage, d.probe_keys, d.probe_queries, flops))
+    return tuple(probes)

@@ -148,6 +148,19 @@ def probe_flops(arch: ArchSpec, keys: int, queries: int) -> dict[str, int]:
     }
 
 
+def spectral_flops(arch: ArchSpec, image_sizes: Sequence[int]) -> int:
+    """[clse.flops] FLOPs of CLSE's spectral term at one decision: ``C·(20·n·log2 n + 10·n)`` per image of n tokens.
+
+    Two states (reference and decision), each a forward and an inverse 2-D FFT (``5·n·log2 n`` each), a
+    real-by-complex mask (``2n``) and a magnitude (``3n``), per channel; rounded to an integer.
+    """
+    total = 0.0
+    for n in image_sizes:
+        n = _count(n)
+        total += arch.hidden_size * (20 * n * math.log2(n) + 10 * n) if n else 0.0
+    return round(total)
+
+
 def lm_head_flops(arch: ArchSpec, n: int) -> int:
     """[budget.flops.true] LM head FLOPs, 2·n·d·vocab over all n valid positions ([routing.output]); not in the decoder total."""
     return 2 * _count(n) * arch.hidden_size * arch.vocab_size

@@ -62,6 +62,19 @@ def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
     return runs
 
 
+def _grid_from_ids(span: ImageSpan, visual: Sequence[int], rotary: torch.Tensor) -> ImageSpan:
+    """[layout.image-grid] A span without a grid (no ``image_grid_thw``) gets the one its mRoPE h/w ids fill."""
+    if span.grid is not None or span.stop <= span.start:
+        return span
+    at = torch.tensor(visual[span.start : span.stop])
+    h, w = rotary[1, at], rotary[2, at]
+    grid = (int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1)
+    cells = set(zip((h - h.min()).tolist(), (w - w.min()).tolist()))
+    if grid[0] * grid[1] != span.stop - span.start or len(cells) != span.stop - span.start:
+        return span
+    return ImageSpan(span.start, span.stop, grid)
+
+
 @register_host("Qwen2_5_VLForConditionalGeneration")
 class Qwen2_5_VLHost(DecoderHost):
     """Adapter for ``transformers.Qwen2_5_VLForConditionalGeneration`` (Qwen2 decoder, mRoPE, GQA, q/k biases)."""
@@ -171,7 +184,8 @@ class Qwen2_5_VLHost(DecoderHost):
             text = tuple(i for i, v in enumerate(is_visual) if not v)
             rotary = ids[:, b, valid.to(ids.device)].cpu().long()  # [3, T_b]
             delta = int(rotary.max()) + 1 - len(valid) if len(valid) else 0
-            out.append(SampleLayout(valid, visual, text, spans[b], rotary, delta))
+            images = tuple(_grid_from_ids(span, visual, rotary) for span in spans[b])
+            out.append(SampleLayout(valid, visual, text, images, rotary, delta))
         return out
 
     def _spans(

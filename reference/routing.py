@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .cache_policy import check_cache_policy, check_recompute, generated_mask, retained, retroactive_cut
 from .compat import call_layer, new_cache
 from .hooks import VisionInputs, reducer_for
 from .host import (
@@ -31,7 +32,7 @@ from .host import (
 )
 from .hybrid import check_host_config, embed_inputs, inject, layer_visual, run_linear_block
 from .schedule import RoutingConfig, RoutingError
-from .scoring import DecisionContext, probe_size, query_rows, scoring_method
+from .scoring import DecisionContext, probe_size, query_rows, reference_layer, runs_probe, scoring_method
 from .selection import ForcedSelection, candidate_pool, capped_k, check_forced, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
 from .twig import Twig, check_twig
@@ -77,22 +78,35 @@ class PrefillResult:
 
 
 def run_block(
-    host: Host, layer: nn.Module, hidden: torch.Tensor, active: Sequence[int], cache: DynamicCache
+    host: Host,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    active: Sequence[int],
+    cache: DynamicCache,
+    generated: tuple[int, frozenset[int]] | None = None,
 ) -> torch.Tensor:
     """[routing.active-set] [routing.active.causal] [routing.active.positions] [routing.bypass] One layer.
 
     Gathers the active rows of ``hidden`` (``[T_b, D]``), runs the host's layer on them with an explicit
     causal mask over the active set at their original positions, writes their K/V to ``cache``, and
     returns a new ``[T_b, D]`` tensor in which every other row is bit-identical to the input.
+    ``generated`` ``(T, hidden)``: rows at positions ``>= T`` are generated tokens that see no key in ``hidden``
+    (the recompute of [cache.policy.retroactive]).
     """
     idx = torch.tensor(active)
     x = hidden[idx][None]  # [1, n, D]
     positions = idx[None]  # [1, n]: the position of a valid token is its index
     cos, sin = host.rotary_embeddings(x, positions)
+    mask = causal_mask(idx, idx, x.dtype)
+    if generated is not None:
+        mask = torch.maximum(
+            mask + generated_mask(idx, idx, generated[0], generated[1], x.dtype),
+            mask.new_tensor(torch.finfo(x.dtype).min),
+        )
     out = call_layer(
         layer,
         x,
-        attention_mask=causal_mask(idx, idx, x.dtype),
+        attention_mask=mask,
         position_ids=positions,
         position_embeddings=(cos, sin),
         cache=cache,
@@ -156,6 +170,7 @@ class Reference:
             model = copy.deepcopy(model).to(compute_dtype)
             self.host = host_for(model)
         config.schedule.check_layers(self.host.num_layers)
+        check_cache_policy(config.cache, self.host.layer_kinds)
         check_twig(config, twig, self.host)  # [twig.ttp.score]
         if twig is not None:  # converted like the model, and reading the (possibly copied) model's config
             twig = copy.deepcopy(twig).to(compute_dtype).bind(model)
@@ -192,11 +207,16 @@ class Reference:
         *,
         forced_selection: ForcedSelection | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        generated_from: int | None = None,
     ) -> PrefillResult:
         """Routed prefill of a batch, one sample at a time ([layout.batch-independence]).
 
         ``image_grid_thw``: the images' grids, for a host whose images have one (Qwen2.5-VL).
+        ``generated_from``: the recompute of decoding under ``cache="retroactive"`` ([cache.policy.retroactive]):
+        positions from here on are generated tokens, which see no visual token outside the forced final selection.
         """
+        check_recompute(generated_from, self.config.cache, forced_selection)
+        self._generated_from = generated_from
         host, dtype = self.host, self.compute_dtype
         if pixel_values is not None:
             pixel_values = pixel_values.to(dtype)
@@ -251,7 +271,16 @@ class Reference:
         selected: tuple[int, ...] | None = None
         entering = tuple(range(N)) if layout.entering is None else layout.entering  # [nuwa.entering]
         previous_input = hidden
+        ref_layer, self._reference_states = reference_layer(config.scorer), None
+        generated = None
+        if (
+            self._generated_from is not None and N
+        ):  # [cache.policy.retroactive]: the recompute's generated tokens
+            final = set(forced[-1])
+            generated = (self._generated_from, frozenset(v for i, v in enumerate(visual) if i not in final))
         for index, layer in enumerate(host.layers):
+            if index == ref_layer:  # [clse.reference-layer]: the states entering it, every token fresh
+                self._reference_states = hidden
             if N and index in schedule.layers:  # [layout.text-only]: no decision without visual tokens
                 stage = schedule.layers.index(index)
                 decision = self._decide(
@@ -267,11 +296,17 @@ class Reference:
             if kind == "linear":  # [hosts.linear.semantics]
                 hidden = run_linear_block(layer, hidden, active, cache)
             else:
-                hidden = run_block(host, layer, hidden, active, cache)
+                extra = (
+                    () if generated is None else (generated,)
+                )  # the recompute ([cache.policy.retroactive])
+                hidden = run_block(host, layer, hidden, active, cache, *extra)
             if index < len(injected):  # [hosts.deepstack]: inside the dense prefix (check_host_config)
                 hidden = inject(hidden, visual, injected[index])
             active_visual.append(chosen)
             kv_positions.append(torch.tensor(active))
+        keep = retained(text, visual, selected) if config.cache == "retroactive" else None
+        if keep is not None:  # [cache.policy.retroactive]: every layer cut to text + the final selection
+            cache, kv_positions = retroactive_cut(cache, kv_positions, keep)
         sample = SampleTrace(
             num_text=len(text),
             visual_positions=visual,
@@ -318,7 +353,8 @@ class Reference:
                 probe_keys=0,
                 probe_queries=0,
             )
-        queries = query_rows(text, visual, config.scorer.query) if self.scoring.probes else ()
+        probing = runs_probe(self.scoring, config.scorer)
+        queries = query_rows(text, visual, config.scorer.query) if probing else ()
         context = DecisionContext(
             host=host,
             layer=layer_index,
@@ -331,6 +367,9 @@ class Reference:
             score_dtype=self.score_dtype,
             scorer=config.scorer,
             twig=self.twig,
+            stage=stage,
+            reference_states=self._reference_states,
+            images=layout.images,
         )
         scores = self.scoring(context)  # [scoring.scorer]: through the registry
         chosen = (

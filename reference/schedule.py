@@ -132,6 +132,55 @@ class Schedule:
         return stage
 
 
+ClseVariant = Literal["clse_attn", "clse", "attn"]
+CLSE_VARIANTS: tuple[str, ...] = ("clse_attn", "clse", "attn")
+
+
+@dataclass(frozen=True)
+class ClseParams:
+    """[clse.params] The CLSE scorer's constants, defaults as in the released code (spec/clse.md).
+
+    Attributes:
+        cutoff: the Gaussian high-pass cutoff ratio, ``sigma = cutoff * min(H // 2, W // 2)`` ([clse.spectral]).
+        tau: the gate temperature ([clse.gate]).
+        eps: the epsilon of the evolution ratio and of the standardisation ([clse.evolution]).
+        reference_layer: the layer whose input is ``z_L`` ([clse.reference-layer]); 0 = the decoder input.
+        variant: ``clse_attn`` (gate x attention), ``clse`` (gate only) or ``attn`` ([clse.variants]).
+        spectral_stages: ``first`` or ``every`` decision uses the spectral term ([clse.stages]).
+    """
+
+    cutoff: float = 0.1
+    tau: float = 0.1
+    eps: float = 1e-6
+    reference_layer: int = 0
+    variant: ClseVariant = "clse_attn"
+    spectral_stages: Literal["first", "every"] = "first"
+
+    def __post_init__(self) -> None:
+        for name, value, low_open in (
+            ("cutoff", self.cutoff, 0.0),
+            ("tau", self.tau, 0.0),
+            ("eps", self.eps, 0.0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low_open:
+                raise RoutingError("clse.params", f"{name}={value!r} is not a number > 0")
+        if self.cutoff > 1:
+            raise RoutingError("clse.params", f"cutoff={self.cutoff!r} is outside (0, 1]")
+        layer = self.reference_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise RoutingError("clse.params", f"reference_layer={layer!r} is not an integer >= 0")
+        if self.variant not in CLSE_VARIANTS:
+            raise RoutingError("clse.params", f"variant={self.variant!r} is not one of {list(CLSE_VARIANTS)}")
+        if self.spectral_stages not in ("first", "every"):
+            raise RoutingError(
+                "clse.params", f"spectral_stages={self.spectral_stages!r} is not 'first' or 'every'"
+            )
+
+    def spectral_at(self, stage: int) -> bool:
+        """[clse.stages] Whether decision ``stage`` uses the spectral term (never for the ``attn`` variant)."""
+        return self.variant != "attn" and (self.spectral_stages == "every" or stage == 0)
+
+
 @dataclass(frozen=True)
 class Scorer:
     """[scoring.scorer] Which scorer ranks candidates at a decision.
@@ -142,16 +191,18 @@ class Scorer:
     ([scoring.scorer.random]).
     """
 
-    kind: Literal["attention", "random", "twig"] = "attention"
+    kind: Literal["attention", "random", "twig", "clse"] = "attention"
     probe_layer: Literal["decision", "previous"] = "decision"
     query: Literal["last", "text-after-image"] = "last"
     seed: int = 0
     twig_layers: int | None = None  # [twig.ttp.score]: the twig's T, checked against the twig routed with
+    clse: ClseParams | None = None  # [clse.scorer]: the CLSE scorer's parameters, only with kind="clse"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("attention", "random", "twig"):
+        if self.kind not in ("attention", "random", "twig", "clse"):
             raise RoutingError(
-                "scoring.scorer", f"scorer kind {self.kind!r} is not 'attention', 'random' or 'twig'"
+                "scoring.scorer",
+                f"scorer kind {self.kind!r} is not 'attention', 'random', 'twig' or 'clse'",
             )
         if self.kind == "twig" and self.probe_layer != "decision":
             raise RoutingError(
@@ -169,6 +220,12 @@ class Scorer:
                 "twig.ttp.score",
                 f"twig_layers={self.twig_layers!r} needs kind='twig' and an integer >= 1 (got kind {self.kind!r})",
             )
+        if self.kind == "clse" and self.clse is None:
+            object.__setattr__(self, "clse", ClseParams())
+        if self.kind != "clse" and self.clse is not None:
+            raise RoutingError("clse.scorer", f"clse parameters given to a scorer of kind {self.kind!r}")
+        if self.clse is not None and not isinstance(self.clse, ClseParams):
+            raise RoutingError("clse.params", f"clse={self.clse!r} is not a ClseParams")
         if self.probe_layer not in ("decision", "previous"):
             raise RoutingError(
                 "scoring.probe.variant-layer",
@@ -181,6 +238,29 @@ class Scorer:
 
 
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
+CachePolicy = Literal["per-layer", "retroactive"]
+CACHE_POLICIES: tuple[str, ...] = ("per-layer", "retroactive")  # [cache.policy]
+
+
+def check_clse(params: ClseParams, schedule: Schedule, policy: str) -> None:
+    """[clse.reference-layer] [clse.stages] [clse.variants] CLSE parameters that fit the schedule and policy."""
+    if params.reference_layer >= schedule.layers[0]:
+        raise RoutingError(
+            "clse.reference-layer",
+            f"reference_layer={params.reference_layer} is not before the first decision layer {schedule.layers[0]}",
+        )
+    several = schedule.num_decisions > 1
+    if params.spectral_stages == "every" and policy == "remove" and several:
+        raise RoutingError(
+            "clse.stages",
+            "spectral_stages='every' needs policy 'reroute': under 'remove' the grid is gone after the first decision",
+        )
+    if params.variant == "clse" and several and params.spectral_stages == "first":
+        raise RoutingError(
+            "clse.variants",
+            f"variant 'clse' has no score at decisions {list(schedule.layers[1:])} without the spectral term "
+            "(spectral_stages='first'); use 'clse_attn', one decision, or spectral_stages='every' under reroute",
+        )
 
 
 @dataclass(frozen=True)
@@ -199,8 +279,13 @@ class RoutingConfig:
     linear_attention: str = "dense"  # [hosts.linear.semantics]: only hybrid hosts have linear layers
     reducer: str = "identity"
     reducer_params: Any = None
+    cache: CachePolicy = "per-layer"  # [cache.policy]
 
     def __post_init__(self) -> None:
+        if self.cache not in CACHE_POLICIES:
+            raise RoutingError(
+                "cache.policy", f"cache policy {self.cache!r} is not one of {list(CACHE_POLICIES)}"
+            )
         if self.linear_attention not in LINEAR_SEMANTICS:
             raise RoutingError(
                 "hosts.linear.semantics",
@@ -213,6 +298,14 @@ class RoutingConfig:
                 "layout.vision-reducer",
                 f"reducer_params {self.reducer_params!r} given to the identity reducer, which takes none",
             )
+        if self.reducer != "identity" and self.scorer.kind in ("clse", "twig"):
+            # [clse.grid] the spectral term needs each image's full grid; [twig.ttp.score] the twig reads the
+            # full prompt: neither is defined after a vision-side reducer has dropped tokens
+            raise RoutingError(
+                "layout.vision-reducer",
+                f"scorer kind {self.scorer.kind!r} with vision reducer {self.reducer!r}: the {self.scorer.kind} "
+                "scorer is defined on every visual token of each image, which the reducer drops",
+            )
         if self.policy not in POLICIES:
             raise RoutingError("selection.pool", f"policy {self.policy!r} is not one of {list(POLICIES)}")
         if self.compute_dtype not in _COMPUTE_DTYPES:
@@ -224,6 +317,9 @@ class RoutingConfig:
                 "scoring.probe.variant-layer",
                 "probe_layer='previous' needs decision layers >= 1, got layer 0",
             )
+
+        if self.scorer.clse is not None:
+            check_clse(self.scorer.clse, self.schedule, self.policy)
 
     def with_policy(self, policy: Policy) -> RoutingConfig:
         return replace(self, policy=policy)
@@ -336,6 +432,48 @@ def _build_presets() -> dict[str, RoutingConfig]:
     presets["fastv_K2_R50"] = RoutingConfig(
         Schedule((2,), (0.5,)), policy="remove", scorer=Scorer(probe_layer="previous")
     )
+    presets.update(_clse_presets())
+    return presets
+
+
+# [clse.presets] CLSE's released schedules (zjubinchen/CLSE, research/twig-clse.md §2.3): LLaVA-1.5 keep counts
+# at layers [1, 11, 21] by RETAIN_TOKEN, Qwen2-VL keep ratios of N at [1, 10, 19] by RETAIN_RATIO. Attention
+# from layer K-1 (probe_layer="previous"), the gate at the first decision only.
+CLSE_LLAVA_LAYERS = (1, 11, 21)
+CLSE_LLAVA_COUNTS = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
+CLSE_QWEN2VL_LAYERS = (1, 10, 19)
+CLSE_QWEN2VL_RATIOS = {
+    0.334: (0.57, 0.36, 0.098),
+    0.223: (0.38, 0.24, 0.066),
+    0.112: (0.19, 0.12, 0.034),
+}
+_CLSE_QWEN2VL_TIERS = {192: 0.334, 128: 0.223, 64: 0.112}
+
+
+def clse_llava_counts(retain: int) -> tuple[int, int, int]:
+    """[clse.presets] The keep counts of ``RETAIN_TOKEN=retain``: the code's table, else ``int(1.72R, 1.09R, 0.32R)``."""
+    if retain in CLSE_LLAVA_COUNTS:
+        return CLSE_LLAVA_COUNTS[retain]
+    return tuple(int(f * retain) for f in (1.72, 1.09, 0.32))  # PriorTR's cast; the code leaves floats
+
+
+def clse_qwen2vl_ratios(retain: float) -> tuple[float, float, float]:
+    """[clse.presets] The keep ratios of ``RETAIN_RATIO=retain``: the code's table, else ``retain·(1.71, 1.08, 0.294)``."""
+    if retain in CLSE_QWEN2VL_RATIOS:
+        return CLSE_QWEN2VL_RATIOS[retain]
+    return tuple(retain * f for f in (1.71, 1.08, 0.294))
+
+
+def _clse_presets() -> dict[str, RoutingConfig]:
+    scorer = Scorer(kind="clse", probe_layer="previous")
+    presets: dict[str, RoutingConfig] = {}
+    for tier in (192, 128, 64):
+        llava = Schedule(CLSE_LLAVA_LAYERS, clse_llava_counts(tier), unit="count")
+        presets[f"clse_avg{tier}"] = RoutingConfig(llava, policy="remove", scorer=scorer)
+        presets[f"ours_vs_clse_avg{tier}"] = RoutingConfig(llava, policy="reroute", scorer=scorer)
+        qwen = Schedule(CLSE_QWEN2VL_LAYERS, clse_qwen2vl_ratios(_CLSE_QWEN2VL_TIERS[tier]))
+        presets[f"qwen2vl_clse_avg{tier}"] = RoutingConfig(qwen, policy="remove", scorer=scorer)
+        presets[f"qwen2vl_ours_vs_clse_avg{tier}"] = RoutingConfig(qwen, policy="reroute", scorer=scorer)
     return presets
 
 

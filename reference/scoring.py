@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .host import Host, causal_mask
+from .host import Host, ImageSpan, causal_mask
 from .schedule import RoutingError, Scorer
 
 
@@ -145,6 +145,10 @@ class DecisionContext:
         score_dtype: float32, or float64 in a float64 reference ([scoring.probe.softmax]).
         scorer: the scorer's configuration.
         twig: the twig routed with, for ``kind="twig"`` ([twig.ttp.score]); None otherwise.
+        stage: the decision's index ``s`` ([clse.stages]).
+        reference_states: ``[T_b, D]`` the states entering the scorer's reference layer, for a scorer that
+            has one (CLSE, [clse.reference-layer]); None otherwise.
+        images: the sample's image spans with their grids ([layout.image-grid]).
     """
 
     host: Host
@@ -158,6 +162,9 @@ class DecisionContext:
     score_dtype: torch.dtype
     scorer: Scorer
     twig: Any = None
+    stage: int = 0
+    reference_states: torch.Tensor | None = None
+    images: tuple[ImageSpan, ...] = ()
 
 
 class ScoringMethod(Protocol):
@@ -173,6 +180,16 @@ class ScoringMethod(Protocol):
 
 
 SCORERS: dict[str, ScoringMethod] = {}  # Scorer.kind -> the scorer
+
+
+def runs_probe(method: ScoringMethod, scorer: Scorer) -> bool:
+    """[scoring.scorer] [clse.variants] Whether the configured scorer runs the attention probe (query rows)."""
+    return method.probes and not (scorer.clse is not None and scorer.clse.variant == "clse")
+
+
+def reference_layer(scorer: Scorer) -> int | None:
+    """[clse.reference-layer] The layer whose input a scorer reads besides the decision's, or None."""
+    return None if scorer.clse is None else scorer.clse.reference_layer
 
 
 def register_scorer(kind: str) -> Callable[[type], type]:

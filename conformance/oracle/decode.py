@@ -41,9 +41,17 @@ def run_decode(impl: Checked, case: Case, steps: int, token_seed: int) -> Decode
 def recompute(
     case: Case, b: int, tokens: torch.Tensor, selections, dtype: torch.dtype, kernel: str = "eager"
 ) -> PrefillOutput:
-    """[cache.decode.equiv] The routed forward over sample b's prompt + ``tokens`` with the given decisions."""
+    """[cache.decode.equiv] The routed forward over sample b's prompt + ``tokens`` with the given decisions.
+
+    Under the retroactive cache policy the generated tokens see no visual token outside the final selection
+    ([cache.policy.retroactive]).
+    """
     model = case.model64() if dtype == torch.float64 else case.model_lp()
-    return reference_prefill(model, case.config, sample_inputs(case, b, tokens), dtype, [selections], kernel)
+    inputs = sample_inputs(case, b, tokens)
+    generated_from = None
+    if case.config.cache == "retroactive" and any(selections):
+        generated_from = int(inputs["attention_mask"].sum()) - len(tokens)
+    return reference_prefill(model, case.config, inputs, dtype, [selections], kernel, generated_from)
 
 
 def incremental_yardstick(

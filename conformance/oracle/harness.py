@@ -45,7 +45,7 @@ def repro(fn: Callable, impl: Checked, case: Case | None, kwargs: dict) -> str:
         "    import torch\n"
         "    from rerouting.conformance.impls import load_impl\n"
         "    from rerouting.conformance.oracle.strategies import Case, HostSpec, Layout\n"
-        "    from rerouting.reference import NuwaParams, RoutingConfig, Schedule, Scorer\n"
+        "    from rerouting.reference import ClseParams, NuwaParams, RoutingConfig, Schedule, Scorer\n"
         f"    from {_suite_module(fn.__module__)} import {fn.__name__}\n"
         f"    {fn.__name__}({args})"
     )

@@ -33,6 +33,7 @@ from rerouting.reference.host_qwen3 import qwen3_release_refusal
 from rerouting.reference.tiny import tiny_llava, tiny_llava_config
 from rerouting.reference.tiny_qwen import IMAGE_TOKEN_ID as QWEN_IMAGE_TOKEN_ID
 from rerouting.reference.tiny_qwen import PATCH_COLUMNS, tiny_qwen, tiny_qwen_config
+from rerouting.reference.tiny_qwen2 import tiny_qwen2, tiny_qwen2_config
 from rerouting.reference.tiny_qwen3 import (
     PATCH_COLUMNS_16,
     tiny_qwen3vl,
@@ -54,11 +55,14 @@ FAMILIES = ("llava", "qwen2.5-vl")
 #: The Qwen3-family hosts (spec/hosts.md): drawn by the properties of conformance/test_hosts_qwen3.py only,
 #: whose cases respect their schedule rules (``d_0 >= L_ds`` on Qwen3-VL; decisions at softmax layers on Qwen3.5).
 QWEN3_FAMILIES = ("qwen3-vl", "qwen3.5")
+#: Qwen2-VL (the Qwen2.5-VL host's rules on ``Qwen2VLForConditionalGeneration``) is not in the family draw;
+#: properties that want it (the CLSE scorer's, published on Qwen2-VL) turn a drawn Qwen2.5-VL host into it.
+QWEN_FAMILIES = ("qwen2.5-vl", "qwen2-vl")
 
 
 def release_refuses(family: str) -> str | None:
     """Why the installed transformers cannot serve ``family`` at all (the Qwen host refuses the mRoPE bug)."""
-    if family == "qwen2.5-vl" and not mrope_release_ok():
+    if family in QWEN_FAMILIES and not mrope_release_ok():
         return f"transformers {importlib.metadata.version('transformers')} has the Qwen mRoPE bug ({MROPE_ISSUE})"
     if family in QWEN3_FAMILIES:
         return qwen3_release_refusal(family)
@@ -71,6 +75,7 @@ SERVED = tuple(family for family in FAMILIES if release_refuses(family) is None)
 HOST_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen2-vl": "Qwen2VLForConditionalGeneration",
     "qwen3-vl": "Qwen3VLForConditionalGeneration",
     "qwen3.5": "Qwen3_5ForConditionalGeneration",
 }
@@ -101,13 +106,13 @@ class HostSpec:
 
     @property
     def is_qwen(self) -> bool:
-        """Any Qwen family: images with grids, mRoPE ids (Qwen2.5-VL, Qwen3-VL, Qwen3.5)."""
+        """Any Qwen family: images with grids, mRoPE ids (Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3.5)."""
         return self.family != "llava"
 
     @property
     def patch_columns(self) -> int:
         """Flattened patch width of a Qwen vision tower (14-px patches on Qwen2.5-VL, 16-px on Qwen3)."""
-        return PATCH_COLUMNS if self.family == "qwen2.5-vl" else PATCH_COLUMNS_16
+        return PATCH_COLUMNS if self.family in QWEN_FAMILIES else PATCH_COLUMNS_16
 
     @property
     def softmax_layers(self) -> tuple[int, ...]:
@@ -159,6 +164,12 @@ class HostSpec:
         config.text_config.intermediate_size = self.intermediate_size
         return config
 
+    def qwen2_config(self):
+        config = tiny_qwen2_config(num_layers=self.num_layers, attn_implementation=self.attention)
+        config.text_config.num_key_value_heads = self.num_kv_heads
+        config.text_config.intermediate_size = self.intermediate_size
+        return config
+
 
 def _make_ties(model, ties: str) -> None:
     if ties == "none":
@@ -178,7 +189,9 @@ def build_model(host: HostSpec, dtype: str = "float32", device: str = "cpu"):
     """The model of ``host`` in ``dtype`` on ``device`` (cached; the weights are the float32 ones, cast)."""
     if dtype != "float32" or device != "cpu":
         return copy.deepcopy(build_model(host)).to(device=device, dtype=DTYPES[dtype])
-    if host.family in QWEN3_FAMILIES:
+    if host.family == "qwen2-vl":
+        model = tiny_qwen2(host.qwen2_config(), seed=host.seed)
+    elif host.family in QWEN3_FAMILIES:
         build = tiny_qwen3vl if host.family == "qwen3-vl" else tiny_qwen35
         model = build(host.qwen_config(), seed=host.seed)
     elif host.is_qwen:

@@ -50,7 +50,9 @@ def reference_prefill(
     dtype: torch.dtype,
     forced: Sequence | None,
     kernel: str = "eager",
+    generated_from: int | None = None,
 ) -> PrefillOutput:
+    extra = {} if generated_from is None else {"generated_from": generated_from}  # [cache.policy.retroactive]
     return _REFERENCE.prefill(
         model,
         config,
@@ -60,6 +62,7 @@ def reference_prefill(
         forced_selection=forced,
         image_grid_thw=inputs.get("image_grid_thw"),  # Qwen2.5-VL cases only
         **yardstick_modes(dtype, kernel),
+        **extra,
     )
 
 

@@ -53,6 +53,8 @@ class OutsideRouter:
     name = "outside-example"
     hosts = ("LlavaForConditionalGeneration",)  # the suite skips its Qwen2.5-VL checks, saying so
     reducers = ("identity",)  # no Nüwa stage 1: the suite skips conformance/test_nuwa.py, saying so
+    scorers = ("attention", "random")  # no CLSE scorer: its checks are skipped, saying so
+    cache_policies = ("per-layer",)  # no retroactive cache policy: likewise
 
     # ---- prefill ---------------------------------------------------------------------------
     def prefill(self, model, config, input_ids, attention_mask, pixel_values, *, forced_selection=None):

@@ -259,7 +259,11 @@ def arch_names() -> tuple[str, ...]:
 def _config_class(model_type: str) -> type:
     import transformers
 
-    classes = {"llava": transformers.LlavaConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig}
+    classes = {
+        "llava": transformers.LlavaConfig,
+        "qwen2_5_vl": transformers.Qwen2_5_VLConfig,
+        "qwen2_vl": transformers.Qwen2VLConfig,
+    }
     for qwen3_type, name in (("qwen3_vl", "Qwen3VLConfig"), ("qwen3_5", "Qwen3_5Config")):
         if hasattr(transformers, name):  # the embedded Qwen3 configs (not in every supported release)
             classes[qwen3_type] = getattr(transformers, name)
