@@ -193,3 +193,51 @@ def test_copied_constants_match_lmms_eval():
     assert refcoco_bbox_rec_doc_to_text({"answer": "the cat"}) == LMMS_REC_PROMPT + "the cat"
     source = (Path(lmms_eval.__file__).parent / "models" / "simple" / "llava_hf.py").read_text()
     assert f'VICUNA_CHAT_TEMPLATE = "{VICUNA_CHAT_TEMPLATE}"' in source
+
+
+def _requests(task: str, docs: list[dict], gen_kwargs: dict) -> list:
+    from lmms_eval.api.instance import Instance
+
+    from rerouting.eval.grounding import LMMS_REC_PROMPT
+
+    def visual(doc):
+        return [doc["image"]]
+
+    return [
+        Instance(
+            request_type="generate_until",
+            arguments=(LMMS_REC_PROMPT + doc["expr"], dict(gen_kwargs), visual, i, task, "test"),
+            idx=0,
+            metadata={"task": task, "doc_id": i, "repeats": 1},
+        )
+        for i, doc in enumerate(docs)
+    ]
+
+
+@pytest.mark.spec("eval.model-args", "eval.budgets", "layout.batch-independence")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batches_answer_as_batch_one(tmp_path, family):
+    """In process: the same requests at batch 1 and batch 3 give the same answers and budgets."""
+    import torch
+
+    from rerouting.eval.model import Rerouting
+    from rerouting.eval.tiny import _SCENES, _image
+
+    save = save_tiny_llava if family == "llava" else save_tiny_qwen
+    folder = save(tmp_path / family)
+    docs = [
+        {"image": _image(b, c, x, y, w, h), "expr": f"the {n} rectangle"} for b, n, c, x, y, w, h in _SCENES
+    ]
+    answers = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch_size in (1, 3):
+            model = Rerouting(pretrained=str(folder), schedule=FAMILIES[family][0], batch_size=batch_size)
+            model.task_dict = {"tiny": {"test": docs}}
+            results = model.generate_until(_requests("tiny", docs, {"max_new_tokens": 6, "until": ["\n"]}))
+            answers[batch_size] = [(r.text, r.token_counts.to_dict()) for r in results]
+    finally:
+        torch.set_num_threads(threads)
+    assert answers[1] == answers[3]
+    assert all(counts["routing"]["schedule"].endswith("/reroute") for _, counts in answers[3])
