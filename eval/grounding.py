@@ -1,6 +1,6 @@
 """[eval.grounding.protocol] The grounding protocols of the Reroute release: prompt styles and box parsers.
 
-A protocol is a prompt style and a box parser, each a named option (spec/eval.md):
+A protocol is a prompt style and a box parser, each a named option (docs/eval-protocol.md):
 
 | protocol | prompt style | box parsers, in order | release backbone |
 |---|---|---|---|

@@ -1,4 +1,4 @@
-"""The release's grounding protocols on hand-written model outputs (spec/eval.md; rerouting.eval.grounding)."""
+"""The release's grounding protocols on hand-written model outputs (docs/eval-protocol.md; rerouting.eval.grounding)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from rerouting.reference import RoutingError
 QWEN = ("pixel-json", "pixel-parenthesis")
 
 
-@pytest.mark.spec("eval.grounding.box-normalised")
 @pytest.mark.parametrize(
     ("text", "box"),
     [
@@ -35,7 +34,6 @@ def test_normalised_brackets(text, box):
     assert parse_normalised_brackets(text) == box
 
 
-@pytest.mark.spec("eval.grounding.box-pixels")
 @pytest.mark.parametrize(
     ("text", "box"),
     [
@@ -53,7 +51,6 @@ def test_pixel_json(text, box):
     assert parse_pixel_json(text) == (None if box is None else tuple(float(v) for v in box))
 
 
-@pytest.mark.spec("eval.grounding.box-parenthesis")
 @pytest.mark.parametrize(
     ("text", "box"),
     [
@@ -67,7 +64,6 @@ def test_pixel_parenthesis(text, box):
     assert parse_pixel_parenthesis(text) == (None if box is None else tuple(float(v) for v in box))
 
 
-@pytest.mark.spec("eval.grounding.protocol", "eval.grounding.box-pixels", "eval.grounding.box-parenthesis")
 def test_qwen_boxes_are_divided_by_the_image_size():
     size = (200, 100)  # width, height
     assert parse_box('[{"bbox_2d": [20, 10, 100, 50]}]', QWEN, size) == (0.1, 0.1, 0.5, 0.5)
@@ -79,7 +75,6 @@ def test_qwen_boxes_are_divided_by_the_image_size():
     assert parse_normalised_brackets(task_answer((0.1, 0.25, 0.5, 1.0))) == (0.1, 0.25, 0.5, 1.0)
 
 
-@pytest.mark.spec("eval.grounding.protocol")
 def test_prompt_styles_and_protocols():
     context = LMMS_REC_PROMPT + "the man in the red shirt"
     assert referring_expression(context) == "the man in the red shirt"

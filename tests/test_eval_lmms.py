@@ -78,7 +78,7 @@ def _answers(run: dict) -> dict[str, list[str]]:
     return {task: [s["filtered_resps"] for s in samples] for task, samples in run["samples"].items()}
 
 
-@pytest.mark.spec("eval.model-args", "eval.budgets", "routing.equiv.keep-all")
+@pytest.mark.spec("routing.equiv.keep-all")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_answers_equal_the_unrouted_models(runs, family):
     unrouted, keep_all = runs[family, "none"], runs[family, "keepall"]
@@ -94,7 +94,7 @@ def test_keep_all_answers_equal_the_unrouted_models(runs, family):
             assert ra["tflops"] == rb["tflops"] and ra["kv_bytes"] == rb["kv_bytes"]
 
 
-@pytest.mark.spec("eval.budgets", "budget.active-counts")
+@pytest.mark.spec("budget.active-counts")
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("policy", ["reroute", "remove"])
 def test_budgets_are_logged_per_sample_and_averaged(runs, family, policy):
@@ -127,7 +127,6 @@ def test_budgets_are_logged_per_sample_and_averaged(runs, family, policy):
     assert re.search(r"\|avg_T\s*\|", run["stdout"]), "the printed throughput summary lacks avg_T"
 
 
-@pytest.mark.spec("eval.grounding.protocol", "eval.prompts")
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("run", RUNS)
 def test_metrics_are_computed_and_boxes_parsed(runs, family, run):
@@ -153,7 +152,6 @@ def test_metrics_are_computed_and_boxes_parsed(runs, family, run):
             )
 
 
-@pytest.mark.spec("eval.model-args")
 def test_the_model_is_registered_through_the_entry_point():
     from lmms_eval.models import get_model
 
@@ -162,7 +160,6 @@ def test_the_model_is_registered_through_the_entry_point():
     assert get_model("rerouting") is Rerouting
 
 
-@pytest.mark.spec("eval.model-args")
 def test_bad_model_args_are_named(tmp_path):
     from rerouting.eval.model import Rerouting
 
@@ -183,7 +180,6 @@ def test_bad_model_args_are_named(tmp_path):
         Rerouting(pretrained=str(tmp_path / "bert"), schedule="none")
 
 
-@pytest.mark.spec("eval.prompts", "eval.grounding.protocol")
 def test_copied_constants_match_lmms_eval():
     from lmms_eval.tasks.refcoco.utils_rec import refcoco_bbox_rec_doc_to_text
 
@@ -214,7 +210,7 @@ def _requests(task: str, docs: list[dict], gen_kwargs: dict) -> list:
     ]
 
 
-@pytest.mark.spec("eval.model-args", "eval.budgets", "layout.batch-independence")
+@pytest.mark.spec("layout.batch-independence")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batches_answer_as_batch_one(tmp_path, family):
     """In process: the same requests at batch 1 and batch 3 give the same answers and budgets."""

@@ -1,4 +1,4 @@
-"""The lmms-eval model's arguments: schedules, policies, the solver's target and their errors (spec/eval.md)."""
+"""The lmms-eval model's arguments: schedules, policies, the solver's target and their errors (docs/eval-protocol.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from rerouting.reference.flops import avg_visual_tokens
 LLAVA = {"num_visual": 576, "num_layers": 32}
 
 
-@pytest.mark.spec("eval.model-args")
 def test_presets_keep_or_swap_their_policy():
     native = resolve_routing("ours_vs_pdrop_avg64", None, **LLAVA)
     assert native.config == PRESETS["ours_vs_pdrop_avg64"] and native.name == "ours_vs_pdrop_avg64/reroute"
@@ -22,7 +21,6 @@ def test_presets_keep_or_swap_their_policy():
     assert unrouted.config is None and unrouted.name == "none"
 
 
-@pytest.mark.spec("eval.model-args")
 def test_a_schedule_file(tmp_path):
     path = tmp_path / "keepall.yaml"
     path.write_text("layers: [2, 9]\nkeep: [1.0, 1.0]\npolicy: remove\n")
@@ -34,7 +32,7 @@ def test_a_schedule_file(tmp_path):
         resolve_routing(str(path), None, **LLAVA)
 
 
-@pytest.mark.spec("eval.model-args", "budget.avg-tokens")
+@pytest.mark.spec("budget.avg-tokens")
 def test_the_solvers_target():
     routing = resolve_routing("solve", None, **LLAVA, target_avg=64, layers="2/7/15/23", shape="1/1/0.5/0.25")
     assert routing.config.policy == "reroute"
@@ -46,7 +44,6 @@ def test_the_solvers_target():
     assert flat.config.schedule.layers == (3,) and flat.config.policy == "remove"
 
 
-@pytest.mark.spec("eval.model-args")
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -80,7 +77,6 @@ def test_bad_arguments_are_named(args, message):
     assert error.value.rule == "eval.model-args"
 
 
-@pytest.mark.spec("eval.model-args")
 def test_small_parsers():
     assert parse_list("1/1/0.5", "shape", float) == (1.0, 1.0, 0.5)
     assert parse_list(3, "layers", int) == (3,)
