@@ -28,6 +28,7 @@ FOLDERS = {
     "reference": "rerouting.reference",
     "optimized": "rerouting.optimized",
     "conformance": "rerouting.conformance",
+    "eval": "rerouting.eval",
 }
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
