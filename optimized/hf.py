@@ -20,6 +20,7 @@ import inspect
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import Cache
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
@@ -219,6 +220,11 @@ def add_token_types(host: Host, args: tuple, kwargs: dict[str, Any]) -> None:
         kwargs["mm_token_type_ids"] = host.mm_token_type_ids(input_ids)
 
 
+def generate_takes_encoder_outputs(model: nn.Module) -> bool:
+    """Whether ``generate`` can hand precomputed encoder outputs (``mm_encoder_outputs``) to the forward."""
+    return "mm_encoder_outputs" in inspect.signature(type(model).forward).parameters
+
+
 def encode_for_reducer(model: nn.Module, config: RoutingConfig, kwargs: dict[str, Any]) -> None:
     """[nuwa.probe] ``generate`` under a reducer that reads the vision tower: the tower runs once, here.
 
@@ -232,6 +238,13 @@ def encode_for_reducer(model: nn.Module, config: RoutingConfig, kwargs: dict[str
         return
     if (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None:
         raise RoutingError("layout.visual-set", "give pixel_values or mm_encoder_outputs, not both")
+    if not generate_takes_encoder_outputs(model):
+        raise RoutingError(
+            "nuwa.probe",
+            f"generate under the {config.reducer!r} reducer needs a transformers release whose "
+            f"{type(model).__name__}.forward takes mm_encoder_outputs (5.24 does); transformers "
+            f"{transformers.__version__} does not. The routed forward (model(...)) works on this release.",
+        )
     with torch.no_grad():
         outputs = encode(host_for(model), pixels)
     kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": outputs}

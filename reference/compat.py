@@ -189,3 +189,13 @@ def output_cache(output: Any) -> Any | None:
 
 
 check_transformers()  # at import of rerouting.reference, before any other module of it touches transformers
+
+
+def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList | None:
+    """A CLIP vision tower's encoder layers, or None when ``tower`` is not one.
+
+    transformers 5.4 wraps the transformer in ``CLIPVisionModel.vision_model``; later 5.x releases flatten it
+    (``tower.encoder`` directly). Calling the tower itself is the same in both.
+    """
+    inner = getattr(tower, "vision_model", tower)
+    return getattr(getattr(inner, "encoder", None), "layers", None)

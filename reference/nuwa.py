@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .compat import vision_encoder_layers
 from .hooks import VisionInputs, register_reducer
 from .host import Host, SampleLayout
 from .schedule import PRESETS, RoutingConfig, RoutingError, Schedule, Scorer
@@ -94,7 +95,7 @@ def _tower_parts(host: Host):
     """[nuwa.params] The host's CLIP tower, projector and select layer's hidden-state index; others refused."""
     inner = getattr(host.model, "model", None)
     tower = getattr(inner, "vision_tower", None)
-    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    layers = vision_encoder_layers(tower)
     if layers is None or not hasattr(inner, "multi_modal_projector"):
         raise RoutingError(
             "nuwa.params", f"the nuwa reducer needs a LLaVA CLIP tower; {type(host.model).__name__}"
@@ -357,7 +358,7 @@ def check_outputs(
         raise RoutingError(
             "nuwa.images", f"{images} images in the layouts but {hidden[0].shape[0]} in the tower"
         )
-    return tuple(hidden), tower.encoder.layers[select - 1], select, projector
+    return tuple(hidden), vision_encoder_layers(tower)[select - 1], select, projector
 
 
 def image_reductions(

@@ -20,6 +20,7 @@ from rerouting.reference import (
     host_for,
     preset,
 )
+from rerouting.reference.compat import vision_encoder_layers
 from rerouting.reference.hooks import REDUCERS, VisionInputs
 from rerouting.reference.nuwa import (
     aggregate,
@@ -156,9 +157,9 @@ def test_cls_row_equals_the_towers_own_attention(model, batch):
             full = tower(pixels, output_attentions=True, output_hidden_states=True)
         finally:
             tower.set_attn_implementation("sdpa")
-    select = model.config.vision_feature_layer % (len(tower.encoder.layers) + 1)
+    select = model.config.vision_feature_layer % (len(vision_encoder_layers(tower)) + 1)
     with torch.no_grad():
-        row = cls_attention(tower.encoder.layers[select - 1], full.hidden_states[select - 1][0])
+        row = cls_attention(vision_encoder_layers(tower)[select - 1], full.hidden_states[select - 1][0])
     torch.testing.assert_close(row, full.attentions[select - 1][0, :, 0])
 
 
@@ -339,8 +340,8 @@ def test_the_papers_key_norm_options(model, batch):
     from rerouting.reference.nuwa import key_norms, reduce_image, salience
 
     tower = model.model.vision_tower
-    select = model.config.vision_feature_layer % (len(tower.encoder.layers) + 1)
-    layer = tower.encoder.layers[select - 1]
+    select = model.config.vision_feature_layer % (len(vision_encoder_layers(tower)) + 1)
+    layer = vision_encoder_layers(tower)[select - 1]
     with torch.no_grad():
         hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states
         states = hidden[select - 1][0]
