@@ -29,7 +29,7 @@ from rerouting.conformance.protocol import check
 from rerouting.reference import PRESETS, Twig
 from rerouting.reference.archs import ArchSpec
 from rerouting.reference.budget_twig import twig_budget
-from rerouting.reference.schedule import ttp_keep
+from rerouting.reference.presets import ttp_keep
 from rerouting.reference.ssd import SpeculationOptions
 
 

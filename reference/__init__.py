@@ -25,8 +25,9 @@ from .host_qwen import Qwen2_5_VLHost
 from .host_qwen2 import Qwen2VLHost
 from .host_qwen3 import Qwen3_5Host, Qwen3VLHost
 from .nuwa import NuwaParams
+from .presets import PRESETS, preset
 from .routing import PrefillResult, Reference, SampleCache, run_block
-from .schedule import POLICIES, PRESETS, ClseParams, RoutingConfig, RoutingError, Schedule, Scorer, preset
+from .schedule import POLICIES, ClseParams, RoutingConfig, RoutingError, Schedule, Scorer
 from .selection import ForcedSelection, candidate_pool, capped_k, forced_choice, select_topk
 from .trace import Decision, SampleTrace, Trace
 from .twig import Twig

@@ -72,7 +72,7 @@ def presets_for(arch) -> tuple[str, ...]:
     Those whose decision layers fit its layers, fall on its softmax layers and, with DeepStack, start after
     the injections (``ArchSpec``: ``layer_kinds``, ``deepstack_levels``).
     """
-    from .schedule import PRESETS
+    from .presets import PRESETS
 
     kinds = tuple(arch.kind(layer) for layer in range(arch.num_layers))
     names = []

@@ -26,7 +26,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .compat import vision_encoder_layers
 from .hooks import VisionInputs, register_reducer
 from .host import Host, SampleLayout
-from .schedule import PRESETS, RoutingConfig, RoutingError, Schedule, Scorer
+from .presets import PRESETS
+from .schedule import RoutingConfig, RoutingError, Schedule, Scorer
 
 NORMALISATIONS = ("code", "convex")
 SALIENCES = ("cls", "cls-key-norm")  # the code's, the paper's Eq. 3

@@ -15,7 +15,7 @@ import pytest
 
 from rerouting.conformance import audit
 from rerouting.reference.archs import ArchSpec
-from rerouting.reference.schedule import PRESETS
+from rerouting.reference.presets import PRESETS
 from rerouting.reference.tiny import tiny_llava, tiny_llava_config
 
 T = 1e12

@@ -34,8 +34,9 @@ from rerouting.reference.flops import (
     layer_flops_true,
     probe_flops,
 )
+from rerouting.reference.presets import PRESETS
 from rerouting.reference.routing import Reference
-from rerouting.reference.schedule import PRESETS, RoutingConfig, RoutingError, Schedule, Scorer
+from rerouting.reference.schedule import RoutingConfig, RoutingError, Schedule, Scorer
 from rerouting.reference.solver import solve_keep_ratios, solve_scale
 
 N = 576  # LLaVA-1.5 visual tokens

@@ -12,7 +12,7 @@ from rerouting.reference import Reference, RoutingConfig, RoutingError, Schedule
 from rerouting.reference.archs import load_arch
 from rerouting.reference.budget import budget_from_trace, schedule_trace
 from rerouting.reference.decode import greedy_generate
-from rerouting.reference.schedule import PRESETS
+from rerouting.reference.presets import PRESETS
 from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

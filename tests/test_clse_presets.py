@@ -10,7 +10,8 @@ from rerouting.conformance import audit
 from rerouting.reference.archs import ArchSpec, load_arch
 from rerouting.reference.budget import budget_from_trace, nominal_visual_counts, schedule_trace
 from rerouting.reference.flops import avg_visual_tokens, spectral_flops
-from rerouting.reference.schedule import PRESETS, Schedule, clse_llava_counts, clse_qwen2vl_ratios
+from rerouting.reference.presets import PRESETS, clse_llava_counts, clse_qwen2vl_ratios
+from rerouting.reference.schedule import Schedule
 
 TIERS = (192, 128, 64)
 

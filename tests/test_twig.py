@@ -22,7 +22,7 @@ from rerouting.reference.archs import ArchSpec
 from rerouting.reference.budget_twig import twig_budget
 from rerouting.reference.decode import greedy_generate
 from rerouting.reference.flops import layer_flops_true
-from rerouting.reference.schedule import ttp_config, ttp_keep
+from rerouting.reference.presets import ttp_config, ttp_keep
 from rerouting.reference.ssd import SpeculationOptions, ssd_generate, twig_prefill
 from rerouting.reference.tiny import SampleSpec, make_batch, tiny_llava, tiny_llava_config
 from rerouting.reference.twig import release_state_dict

@@ -53,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         """The epilog lists the presets, which needs the reference package (torch): built only for --help."""
-        from rerouting.reference.schedule import PRESETS
+        from rerouting.reference.presets import PRESETS
 
         from .inputs import SCHEDULE_GROUPS
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from rerouting.reference.archs import ArchSpec
+from rerouting.reference.presets import PRESETS
 from rerouting.reference.schedule import (
     POLICIES,
-    PRESETS,
     RoutingConfig,
     RoutingError,
     Schedule,

@@ -10,7 +10,8 @@ from typing import Any
 from rerouting.reference.archs import ArchSpec
 from rerouting.reference.budget import nominal_visual_counts, schedule_trace
 from rerouting.reference.flops import avg_visual_tokens
-from rerouting.reference.schedule import PRESETS, RoutingConfig, RoutingError, Schedule
+from rerouting.reference.presets import PRESETS
+from rerouting.reference.schedule import RoutingConfig, RoutingError, Schedule
 from rerouting.reference.solver import solve_keep_ratios, solve_scale
 
 from .common import LABEL_TOLERANCE
